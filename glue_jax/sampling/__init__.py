@@ -1,0 +1,1 @@
+"""Samplers (Euler-Maruyama SDE, Heun ODE) and guidance; pure and compiled."""

@@ -1,0 +1,1 @@
+"""Interpolants, time sampling and the multimodal velocity / alignment losses."""
