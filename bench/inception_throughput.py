@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from glue_jax.models.inception import random_inception  # noqa: E402
+from glue_jax.models.inception_weights import random_inception  # noqa: E402
 
 
 def bench_one(dtype_name: str, batch: int, size: int, iters: int,

@@ -18,6 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from glue_jax.models import inception as inc  # noqa: E402
+from glue_jax.models import inception_weights as incw  # noqa: E402
 from glue_jax.models.torch_weights import WeightsError  # noqa: E402
 
 
@@ -87,7 +88,7 @@ def ref(tmp_path_factory):
 @pytest.fixture(scope="module")
 def jax_run(ref):
   """Our model loaded from the .pth; one jit shared by all tests."""
-  model = inc.load_inception(ref["path"])
+  model = incw.load_inception(ref["path"])
   graphdef, state = nnx.split(model)
   fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
   out = jax.device_get(fn(state, jnp.asarray(ref["images"])))
@@ -108,16 +109,17 @@ def test_pool3_logits_spatial_match_pytorch_fid(ref, jax_run):
 
 def test_npz_roundtrip_is_torch_free(ref, jax_run, tmp_path, monkeypatch):
   path = str(tmp_path / "inception.npz")
-  inc.save_npz(jax_run["model"], path)
+  incw.save_npz(jax_run["model"], path)
   import glue_jax.models.torch_weights as tw
   monkeypatch.setitem(__import__("sys").modules, "torch", None)  # no torch
-  model = inc.load_inception(path)
+  model = incw.load_inception(path)
   monkeypatch.undo()
   a = tw.flat_params(jax_run["model"], (nnx.Param, nnx.BatchStat))
   b = tw.flat_params(model, (nnx.Param, nnx.BatchStat))
   assert sorted(a) == sorted(b)
   for k in a:
     np.testing.assert_array_equal(np.asarray(a[k][...]), np.asarray(b[k][...]))
+  assert inc.load_inception is incw.load_inception  # forwarded API
   out = jax_run["fn"](nnx.state(model), jnp.asarray(ref["images"]))
   np.testing.assert_array_equal(np.asarray(out["pool3"]), jax_run["out"]["pool3"])
 
@@ -147,19 +149,19 @@ def test_bad_keys_are_named(ref, tmp_path):
   del missing["Mixed_6d.branch1x1.bn.running_var"]
   np.savez(tmp_path / "missing.npz", **missing)
   with pytest.raises(WeightsError, match=r"Mixed_6d\.branch1x1\.bn\.running_var"):
-    inc.load_inception(str(tmp_path / "missing.npz"))
+    incw.load_inception(str(tmp_path / "missing.npz"))
   extra = dict(sd)
   extra["AuxLogits.fc.weight"] = np.zeros((1008, 768), np.float32)
   np.savez(tmp_path / "extra.npz", **extra)
   with pytest.raises(WeightsError, match=r"AuxLogits\.fc\.weight"):
-    inc.load_inception(str(tmp_path / "extra.npz"))
+    incw.load_inception(str(tmp_path / "extra.npz"))
   shaped = dict(sd)
   shaped["fc.weight"] = np.zeros((1000, 2048), np.float32)
   np.savez(tmp_path / "shaped.npz", **shaped)
   with pytest.raises(WeightsError, match=r"fc\.weight: got \(2048, 1000\)"):
-    inc.load_inception(str(tmp_path / "shaped.npz"))
+    incw.load_inception(str(tmp_path / "shaped.npz"))
   with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-    inc.load_inception(str(tmp_path / "absent.pth"))
+    incw.load_inception(str(tmp_path / "absent.pth"))
 
 
 def test_download_fails_clearly_offline(tmp_path, monkeypatch):
@@ -171,4 +173,4 @@ def test_download_fails_clearly_offline(tmp_path, monkeypatch):
 
   monkeypatch.setattr(urllib.request, "urlopen", offline)
   with pytest.raises(RuntimeError, match="could not download.*pt_inception"):
-    inc.download_fid_weights(str(tmp_path / "w.pth"))
+    incw.download_fid_weights(str(tmp_path / "w.pth"))

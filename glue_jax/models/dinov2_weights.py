@@ -181,7 +181,7 @@ def _build(cfg: Dinov2Config, mapping: dict[str, np.ndarray], where: str) -> Din
 
 
 def _check_variant(cfg: Dinov2Config, variant: str | None,
-                   registers: bool | None, overrides: dict) -> Dinov2Config:
+                   registers: bool | None, heads_known: bool) -> Dinov2Config:
   """Checks the checkpoint against a requested variant; takes its heads."""
   if registers is not None and bool(cfg.num_registers) != bool(registers):
     raise tw.WeightsError(f"registers={registers} requested but the weights have "
@@ -193,15 +193,19 @@ def _check_variant(cfg: Dinov2Config, variant: str | None,
     if getattr(want, f) != getattr(cfg, f):
       raise tw.WeightsError(f"variant {variant!r} has {f}={getattr(want, f)} but "
                             f"the weights have {f}={getattr(cfg, f)}")
-  if "num_heads" not in overrides:
+  if not heads_known:
     cfg = dataclasses.replace(cfg, num_heads=want.num_heads)
   return cfg
 
 
 def _hf_files(path: str) -> tuple[str, str]:
-  d = path if os.path.isdir(path) else os.path.dirname(path)
-  weights = path if not os.path.isdir(path) else os.path.join(d, "model.safetensors")
-  return os.path.join(d, "config.json"), weights
+  """``(config.json, weights)`` of an HF directory or weights file."""
+  if not os.path.isdir(path):
+    return os.path.join(os.path.dirname(path), "config.json"), path
+  weights = os.path.join(path, "model.safetensors")
+  if not os.path.exists(weights) and os.path.exists(os.path.join(path, "pytorch_model.bin")):
+    weights = os.path.join(path, "pytorch_model.bin")
+  return os.path.join(path, "config.json"), weights
 
 
 def load_dinov2(path: str, variant: str | None = None,
@@ -223,7 +227,7 @@ def load_dinov2(path: str, variant: str | None = None,
       raise tw.WeightsError(f"{path}: not written by save_npz (no config entry)")
     fields = json.loads(bytes(sd.pop(_CONFIG_KEY)).decode())
     fields.update(overrides)
-    cfg = _check_variant(Dinov2Config(**fields), variant, registers, overrides)
+    cfg = _check_variant(Dinov2Config(**fields), variant, registers, True)
     return _build(cfg, sd, path)
   config_json, weights = _hf_files(path)
   if os.path.isdir(path) or path.endswith(".safetensors"):
@@ -243,7 +247,7 @@ def load_dinov2(path: str, variant: str | None = None,
     kw = dict(pos_interp="hub")
     kw.update(overrides)
     where = path
-  cfg = _check_variant(infer_config(sd, **kw), variant, registers, overrides)
+  cfg = _check_variant(infer_config(sd, **kw), variant, registers, "num_heads" in kw)
   return _build(cfg, hub_mapping(sd, cfg, where=where), where)
 
 

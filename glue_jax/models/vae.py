@@ -84,6 +84,11 @@ class VAEConfig:
   def from_diffusers(cls, config: Mapping[str, Any], **overrides: Any) -> "VAEConfig":
     """Builds a config from diffusers' ``config.json`` contents.
 
+    Keys absent from ``config`` take diffusers' ``AutoencoderKL`` defaults
+    (e.g. ``block_out_channels=(64,)``), as ``from_pretrained`` would; keys
+    that do not change the network (``sample_size``, ``force_upcast``, ...)
+    are ignored, unknown keys are logged.
+
     Raises:
       ValueError: for settings this port does not implement (other block
         types, activations or up/down block counts).

@@ -1,0 +1,44 @@
+"""The embedded default: the whole REGLUE pipeline on scikit-learn digits (CPU).
+
+  python -m glue_jax.main --config=configs/demo.py --workdir=workdirs/demo
+  --config=configs/demo.py:fast      (CI-sized: fewer steps)
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, fast=False, method="reglue", steps=0)
+  c = ml_collections.ConfigDict()
+  c.kind = "demo"
+  c.seed = 0
+  c.image_size = 32
+  c.encoder = ml_collections.ConfigDict(dict(
+      weights="", dim=64, depth=4, heads=4, patch_size=4, layers=(0, 1, 2, 3),
+      steps=150 if a.fast else 500, batch_size=128, lr=2e-3))
+  c.compressor = ml_collections.ConfigDict(dict(
+      hidden=64, out_channels=16, steps=100 if a.fast else 400, batch_size=128, lr=1e-3))
+  t = common.diffusion_defaults()
+  t.method = a.method
+  t.model.arch = "S/2"
+  t.model.overrides = {"depth": 4, "hidden_size": 96, "num_heads": 4, "encoder_depth": 2,
+                       "projector_dim": 256}
+  t.data = ml_collections.ConfigDict({"name": "npz", "path": "", "num_classes": 10,
+                                      "workers": 0})
+  t.first_stage = {"name": "pixel", "factor": 2, "channels": 3, "scale": 1.0, "shift": 0.0}
+  t.batch_size = 32
+  t.total_steps = a.steps or (100 if a.fast else 1500)
+  t.optim.lr = 3e-4
+  t.ema_decay = 0.999
+  t.log_every = 50
+  t.ckpt_every = 500
+  t.sample_every = t.total_steps
+  t.sample_steps = 20
+  t.mesh = {"data": -1, "fsdp": 1}
+  c.train = t
+  c.eval = ml_collections.ConfigDict(dict(num_samples=100 if a.fast else 500,
+                                          batch_size=100, cfg_scale=2.0,
+                                          num_steps=20 if a.fast else 100))
+  return c

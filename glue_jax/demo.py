@@ -1,0 +1,197 @@
+"""The embedded demo: the whole REGLUE pipeline on scikit-learn's digits, on CPU.
+
+Stages (each reused when its output exists, so a second run resumes):
+ 1. dataset: digits upsampled to 32x32 RGB (train 1500 / test 297);
+ 2. semantic encoder: DINOv2 weights when ``encoder.weights`` is given, else a
+    small ViT of the same module class (patch 4 -> 8x8 grid) trained briefly
+    as a digit classifier on the train split;
+ 3. features: blocks ``layers`` of the encoder, each through the final norm
+    (multi-layer local features), the last block's [CLS] (global) and patch
+    tokens (REPA targets); per-channel statistics of the local stack;
+ 4. compressor: conv autoencoder on the standardized stack -> 16 channels;
+ 5. feature file: first-stage latents (exact pixel tokenizer, or the SD-VAE
+    when its weights are given), compressed semantics, [CLS], REPA targets;
+ 6. REGLUE training with the regular trainer (``glue_jax.train.loop``);
+ 7. sampling (SDE + CFG) from the EMA weights, a sample grid PNG, and metrics:
+    Frechet distance of encoder [CLS] features against the test split and
+    the class accuracy of conditional samples under the encoder's classifier.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from glue_jax.data import digits
+from glue_jax.eval import frechet
+from glue_jax.models import compressor as compressor_lib
+from glue_jax.models import dinov2, first_stage as first_stage_lib, layers
+from glue_jax.train import fit as fit_lib
+from glue_jax.train import loop, writers
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+class Encoder(nnx.Module):
+  """A DINOv2-class ViT plus a linear digit classifier on its [CLS]."""
+
+  def __init__(self, cfg: dinov2.Dinov2Config, num_classes: int, *, rngs: nnx.Rngs):
+    self.vit = dinov2.Dinov2(cfg, rngs=rngs)
+    self.head = layers.Dense(cfg.dim, num_classes, rngs=rngs, axes=("embed", None))
+
+  def logits(self, x):
+    return self.head(self.vit(x)["x_norm_clstoken"])
+
+
+def normalize(images_uint8) -> jax.Array:
+  return (jnp.asarray(images_uint8, jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def _save_module(module, path):
+  flat = {"/".join(map(str, k)): np.asarray(v.value)
+          for k, v in nnx.to_flat_state(nnx.state(module))}
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **flat)
+  os.replace(tmp, path)
+
+
+def _load_module(module, path):
+  with np.load(path) as f:
+    for k, v in nnx.to_flat_state(nnx.state(module)):
+      key = "/".join(map(str, k))
+      if key not in f.files:
+        raise KeyError(f"{path}: missing {key}")
+      v.value = jnp.asarray(f[key])
+
+
+def _encoder(cfg, workdir, data):
+  ec = cfg.encoder
+  vit_cfg = dinov2.Dinov2Config(dim=ec.dim, depth=ec.depth, num_heads=ec.heads,
+                                patch_size=ec.patch_size, pos_grid=cfg.image_size // ec.patch_size)
+  enc = Encoder(vit_cfg, digits.NUM_CLASSES, rngs=nnx.Rngs(cfg.seed))
+  path = os.path.join(workdir, "encoder.npz")
+  if os.path.exists(path):
+    _load_module(enc, path)
+    return enc
+
+  def loss_fn(m, batch, key):
+    logits = m.logits(normalize(batch["image"]))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+  fit_lib.fit(enc, loss_fn, fit_lib.batches_from(data, ec.batch_size, cfg.seed),
+              steps=ec.steps, tx=optax.adamw(ec.lr, weight_decay=0.05), desc="encoder")
+  _save_module(enc, path)
+  return enc
+
+
+def _extract(enc, images, layer_ids, batch=256):
+  @jax.jit
+  def run(x):
+    maps, _ = enc.vit.intermediate_layers(normalize(x), layer_ids, norm=True)
+    out = enc.vit(normalize(x))
+    return jnp.concatenate(maps, -1), out["x_norm_clstoken"], out["x_norm_patchtokens"], \
+        enc.logits(normalize(x))
+  outs = [run(images[i:i + batch]) for i in range(0, len(images), batch)]
+  return [np.concatenate([np.asarray(o[j]) for o in outs]) for j in range(4)]
+
+
+def _features(cfg, workdir, enc, fs, split, data):
+  path = os.path.join(workdir, f"features_{split}.npz")
+  if os.path.exists(path):
+    return path
+  local, cls, patches, _ = _extract(enc, data["image"], tuple(cfg.encoder.layers))
+  stats_path = os.path.join(workdir, "feature_stats.npz")
+  if not os.path.exists(stats_path):
+    if split != "train":
+      raise RuntimeError("feature statistics come from the train split")
+    np.savez(stats_path, mean=local.reshape(-1, local.shape[-1]).mean(0),
+             std=local.reshape(-1, local.shape[-1]).std(0))
+  with np.load(stats_path) as st:
+    std_local = compressor_lib.standardize(local, st["mean"], st["std"], 1e-6)
+  comp = _compressor(cfg, workdir, std_local if split == "train" else None, local.shape[-1])
+  semantic = np.asarray(jax.jit(lambda x: comp.encode(x, False))(std_local))
+  latents = np.asarray(fs.encode(data["image"]))
+  arrays = dict(latents=latents, semantic=semantic, cls=cls, align_target=patches,
+                label=data["label"])
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+  return path
+
+
+def _compressor(cfg, workdir, std_local, in_ch):
+  cc = cfg.compressor
+  comp = compressor_lib.Compressor(compressor_lib.CompressorConfig(
+      in_channels=in_ch, hidden=cc.hidden, out_channels=cc.out_channels),
+      rngs=nnx.Rngs(cfg.seed))
+  path = os.path.join(workdir, "compressor.npz")
+  if os.path.exists(path):
+    _load_module(comp, path)
+    return comp
+  if std_local is None:
+    raise RuntimeError("the compressor is trained on the train split first")
+
+  def loss_fn(m, batch, key):
+    return jnp.mean(jnp.square(m(batch["x"], train=True) - batch["x"]))
+
+  sched = optax.cosine_decay_schedule(cc.lr, cc.steps * 4, alpha=0.1)
+  hist = fit_lib.fit(comp, loss_fn, fit_lib.batches_from({"x": std_local}, cc.batch_size,
+                                                          cfg.seed), steps=cc.steps,
+                     tx=optax.adam(sched), desc="compressor")
+  logging.info("compressor MSE %s", hist[-1])
+  _save_module(comp, path)
+  return comp
+
+
+def run(cfg, workdir: str) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  train = digits.load("train", cfg.image_size)
+  test = digits.load("test", cfg.image_size)
+  fs = first_stage_lib.build(dict(cfg.train.first_stage))
+  enc = _encoder(cfg, workdir, train)
+  train_path = _features(cfg, workdir, enc, fs, "train", train)
+  _features(cfg, workdir, enc, fs, "test", test)
+  tc = cfg.train
+  with tc.unlocked():
+    tc.data.path = os.path.join(workdir, "features_{split}.npz")
+  metrics = loop.train(tc, os.path.join(workdir, "reglue"))
+  result = _evaluate(cfg, workdir, enc, fs, test)
+  result["train"] = metrics
+  writers.save_json(os.path.join(workdir, "metrics.json"), result)
+  logging.info("demo metrics: %s", json.dumps(result, default=float))
+  assert os.path.exists(train_path)
+  return result
+
+
+def _evaluate(cfg, workdir, enc, fs, test) -> dict:
+  from glue_jax import api
+  model = api.load_model(os.path.join(workdir, "reglue", "checkpoints"))
+  n = cfg.eval.num_samples
+  labels = np.arange(n) % digits.NUM_CLASSES
+  out = []
+  for i in range(0, n, cfg.eval.batch_size):
+    x0, _ = model.sample(labels[i:i + cfg.eval.batch_size], seed=cfg.seed,
+                         indices=np.arange(i, min(i + cfg.eval.batch_size, n)),
+                         cfg_scale=cfg.eval.cfg_scale, num_steps=cfg.eval.num_steps)
+    out.append(np.asarray(fs.decode_uint8(x0[..., :model.config.latent_channels])))
+  imgs = np.concatenate(out)
+  writers.save_png(os.path.join(workdir, "samples.png"),
+                   writers.image_grid(imgs[:100], ncols=10), scale=2)
+  _, cls_s, _, logits_s = _extract(enc, imgs, tuple(cfg.encoder.layers))
+  _, cls_t, _, logits_t = _extract(enc, test["image"], tuple(cfg.encoder.layers))
+  return {
+      "fd_cls_samples_vs_test": frechet.frechet_distance(
+          *frechet.statistics(cls_s), *frechet.statistics(cls_t)),
+      "sample_class_accuracy": float((logits_s.argmax(-1) == labels).mean()),
+      "encoder_test_accuracy": float((logits_t.argmax(-1) == test["label"]).mean()),
+      "num_samples": int(n), "cfg_scale": float(cfg.eval.cfg_scale),
+      "num_steps": int(cfg.eval.num_steps),
+  }

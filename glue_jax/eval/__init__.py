@@ -1,0 +1,1 @@
+"""Evaluation metrics (FID/sFID, IS, precision/recall, alignment probes)."""

@@ -1,0 +1,68 @@
+"""A small supervised fitting loop for auxiliary networks (demo encoder,
+semantic compressor): NNX module + loss + optax, jitted, with BatchNorm
+statistics carried functionally.  The diffusion trainer is ``loop.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import jax
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+
+def fit(module: nnx.Module, loss_fn: Callable, batches: Iterator, *, steps: int,
+        tx: optax.GradientTransformation, seed: int = 0, desc: str = "fit",
+        log_every: int = 50, on_log: Callable[[int, float], None] | None = None):
+  """Trains ``module`` in place; ``loss_fn(module, batch, key) -> scalar``.
+
+  Returns the list of (step, loss) pairs logged every ``log_every`` steps.
+  """
+  graphdef, params_state, rest_state = nnx.split(module, nnx.Param, ...)
+  # Pure dicts: fresh Variables are built inside each trace (NNX forbids
+  # mutating a BatchStat created at another trace level).
+  params, rest = nnx.to_pure_dict(params_state), nnx.to_pure_dict(rest_state)
+  opt_state = tx.init(params)
+
+  def step(params, rest, opt_state, batch, key):
+    def f(p, r):
+      m = nnx.merge(graphdef, p, r)
+      loss = loss_fn(m, batch, key)
+      return loss, nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
+    (loss, new_rest), g = jax.value_and_grad(f, has_aux=True)(params, rest)
+    updates, opt_state = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), new_rest, opt_state, loss
+
+  step = jax.jit(step, donate_argnums=(0, 1, 2))
+  base = jax.random.key(seed)
+  history = []
+  bar = tqdm(range(steps), desc=desc, mininterval=5.0)
+  for i in bar:
+    params, rest, opt_state, loss = step(params, rest, opt_state, next(batches),
+                                         jax.random.fold_in(base, i))
+    if (i + 1) % log_every == 0 or i + 1 == steps:
+      val = float(loss)
+      if not jax.numpy.isfinite(val):
+        raise FloatingPointError(f"{desc}: non-finite loss at step {i}")
+      history.append((i + 1, val))
+      bar.set_postfix(loss=f"{val:.4f}")
+      if on_log:
+        on_log(i + 1, val)
+  nnx.replace_by_pure_dict(params_state, params)
+  nnx.replace_by_pure_dict(rest_state, rest)
+  nnx.update(module, params_state, rest_state)
+  return history
+
+
+def batches_from(arrays: dict, batch_size: int, seed: int) -> Iterator[dict]:
+  """Endless shuffled minibatches of in-memory arrays (numpy)."""
+  import numpy as np
+  n = len(next(iter(arrays.values())))
+  rng = np.random.default_rng(seed)
+  while True:
+    perm = rng.permutation(n)
+    for i in range(0, n - batch_size + 1, batch_size):
+      idx = np.sort(perm[i:i + batch_size])
+      yield {k: v[idx] for k, v in arrays.items()}

@@ -1,0 +1,264 @@
+"""The diffusion training loop: mesh, sharded init, jitted step, Orbax resume.
+
+``train(config, workdir)`` is what ``python -m glue_jax.main`` runs for the
+diffusion families (sit/repa/reg/redi/reglue).  It resumes automatically from
+the latest finished checkpoint in ``<workdir>/checkpoints`` (train state, EMA,
+Grain iterator state), saves on SIGTERM before exiting, and stops on a
+non-finite loss naming the step without checkpointing the bad state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from glue_jax import methods as methods_lib
+from glue_jax import models, sharding
+from glue_jax.data import pipeline, sources
+from glue_jax.models import first_stage as first_stage_lib
+from glue_jax.models import sit
+from glue_jax.sampling import presets, samplers
+from glue_jax.train import checkpoint as ckpt_lib
+from glue_jax.train import parallel, writers
+from glue_jax.train import step as step_lib
+from glue_jax.transport import losses
+
+
+class ConfigMismatchError(ValueError):
+  """The run's config does not match the checkpoint it would resume from."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config (used by the loop, tests and benchmarks)."""
+  config: object
+  mesh: object
+  rules: tuple
+  method: methods_lib.Method
+  net_cfg: sit.SiTConfig
+  graphdef: object
+  tx: object
+  step_cfg: step_lib.StepConfig
+  state_shardings: object
+  batch_shardings: dict
+  source: object
+  meta: dict
+
+
+def _rules(config):
+  return tuple(tuple(r) for r in config.get("sharding_rules", sharding.DEFAULT_RULES))
+
+
+def build(config) -> Run:
+  """Builds mesh, network config, optimizer and shardings (no arrays yet)."""
+  mesh = parallel.make_mesh(dict(config.mesh))
+  rules = _rules(config)
+  method = methods_lib.get(config.method, **dict(config.get("method_overrides", {})))
+  source = sources.build(config.data, split="train")
+  spec = sources.example_spec(source)
+  latent_key = "latent_moments" if "latent_moments" in spec else "latents"
+  lh, lw, lc = spec[latent_key][0]
+  if latent_key == "latent_moments":
+    lc //= 2
+  enc_dim = (spec["cls"][0][-1] if "cls" in spec else
+             spec["align_target"][0][-1] if "align_target" in spec else 0)
+  net_over = dict(config.model.get("overrides", {}))
+  net_over.update(method.network_overrides(encoder_dim=enc_dim))
+  net_over.update(input_size=lh, latent_channels=lc,
+                  num_classes=config.data.num_classes)
+  net_cfg = sit.config_for(config.model.arch, **net_over)
+  loss_cfg = losses.LossConfig(
+      interpolant=config.loss.interpolant, latent_channels=lc,
+      semantic_weight_schedule=tuple(tuple(x) for x in config.loss.get(
+          "semantic_weight_schedule", ())),
+      **method.loss_overrides())
+  step_cfg = step_lib.StepConfig(
+      method=method, loss=loss_cfg, time_dist=config.loss.time_dist,
+      latent_scale=config.first_stage.scale, latent_shift=config.first_stage.get("shift", 0.0),
+      ema_decay=config.ema_decay)
+  tx = step_lib.make_optimizer(**dict(config.optim))
+  graphdef = nnx.graphdef(models.build("sit", net_cfg, abstract=True))
+  batch_spec = {k: len(s[0]) + 1 for k, s in spec.items()}
+  bsh = parallel.batch_shardings(batch_spec, mesh, rules)
+  abstract_state = nnx.state(models.build("sit", net_cfg, abstract=True))
+  psh = parallel.pure_param_shardings(abstract_state, mesh, rules)
+  abs_params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                            nnx.to_pure_dict(abstract_state), psh)
+  with jax.set_mesh(mesh):
+    ssh = jax.jit(lambda p: step_lib.init_state(p, tx)).lower(abs_params).compile() \
+        .output_shardings
+  meta = {"network": {"name": "sit", "config": dataclasses.asdict(net_cfg)},
+          "method": dataclasses.asdict(method),
+          "sampler": presets.SamplerPreset.from_dict(dict(config.sampler)).to_dict(),
+          "first_stage": dict(config.first_stage),
+          "data": {"name": config.data.name, "num_classes": config.data.num_classes}}
+  return Run(config, mesh, rules, method, net_cfg, graphdef, tx, step_cfg, ssh, bsh,
+             source, meta)
+
+
+def init_params(run: Run, seed: int) -> dict:
+  psh = jax.tree.map(lambda s: s, run.state_shardings["params"])
+  make = lambda: nnx.to_pure_dict(nnx.state(models.build("sit", run.net_cfg, seed=seed)))
+  return jax.jit(make, out_shardings=psh)()
+
+
+def check_compatible(saved: dict, meta: dict, where: str) -> None:
+  diffs = []
+  a, b = saved.get("network", {}), meta["network"]
+  if a.get("name") != b["name"]:
+    diffs.append(f"network: {a.get('name')} != {b['name']}")
+  for k, v in b["config"].items():
+    if k in ("dtype", "attention_impl", "scan_layers", "remat"):
+      continue        # execution details may change between runs
+    if a.get("config", {}).get(k) != v and not (
+        isinstance(v, (list, tuple)) and list(a.get("config", {}).get(k, [])) == list(v)):
+      diffs.append(f"network.{k}: checkpoint {a.get('config', {}).get(k)!r} != config {v!r}")
+  if saved.get("method", {}).get("name") != meta["method"]["name"]:
+    diffs.append(f"method: checkpoint {saved.get('method', {}).get('name')!r} "
+                 f"!= config {meta['method']['name']!r}")
+  if diffs:
+    raise ConfigMismatchError(f"{where}: config does not match the checkpoint:\n  "
+                              + "\n  ".join(diffs))
+
+
+def _make_sampler(run: Run, num: int, seed: int):
+  preset = presets.SamplerPreset.from_dict(dict(run.config.sampler))
+  preset = preset.replace(num_steps=run.config.get("sample_steps") or preset.num_steps)
+  cfg, graphdef = run.net_cfg, run.graphdef
+  labels = jnp.arange(num) % max(cfg.num_classes, 1)
+  keys = samplers.per_sample_keys(seed, jnp.arange(num))
+
+  @jax.jit
+  def sample(params):
+    apply = lambda x, t, y, g: nnx.merge(graphdef, params)(x, t, y, g)
+    x1, g1 = samplers.initial_noise(keys, (cfg.input_size, cfg.input_size,
+                                           cfg.in_channels), cfg.global_token_dim)
+    x0, _ = presets.make_sampler(apply, preset, null_label=cfg.num_classes)(
+        x1, g1, labels, keys)
+    return x0[..., :cfg.latent_channels]
+  return sample
+
+
+def train(config, workdir: str) -> dict:
+  """Trains (or resumes) and returns the last logged metrics."""
+  parallel.maybe_initialize_distributed(config.get("distributed"))
+  run = build(config)
+  os.makedirs(workdir, exist_ok=True)
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                             keep=config.keep_checkpoints,
+                             keep_every=config.get("keep_every") or None)
+  fs = first_stage_lib.build(dict(config.first_stage))
+  ds = pipeline.make_dataset(run.source, batch_size=config.batch_size // jax.process_count(),
+                             seed=config.seed, process_index=jax.process_index(),
+                             process_count=jax.process_count(),
+                             worker_count=config.data.get("workers", 0))
+  data_iter = iter(ds)
+  base_key = jax.random.key(config.seed)
+  with jax.set_mesh(run.mesh), sharding.logical_rules(run.rules, run.mesh):
+    latest = ck.latest_step()
+    if latest is not None:
+      check_compatible(ck.read_config(latest), run.meta, ck.directory)
+      abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              jax.eval_shape(lambda: step_lib.init_state(
+                                  nnx.to_pure_dict(nnx.state(models.build(
+                                      "sit", run.net_cfg, abstract=True))), run.tx)),
+                              run.state_shardings)
+      state = ck.restore(latest, state=abstract, data_iter=data_iter)["state"]
+      logging.info("resumed from %s/%d", ck.directory, latest)
+    else:
+      params = init_params(run, config.seed)
+      state = jax.jit(lambda p: step_lib.init_state(p, run.tx),
+                      out_shardings=run.state_shardings)(params)
+    step_fn = jax.jit(step_lib.make_train_step(run.graphdef, run.tx, run.step_cfg),
+                      in_shardings=(run.state_shardings, run.batch_shardings,
+                                    parallel.replicated(run.mesh)),
+                      out_shardings=(run.state_shardings, parallel.replicated(run.mesh)),
+                      donate_argnums=(0,))
+    return _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key)
+
+
+def _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key):
+  from clu import periodic_actions
+  writer = writers.create_writer(workdir)
+  total = config.total_steps
+  step = int(jax.device_get(state["step"]))
+  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                           every_steps=config.log_every)
+  sampler = _make_sampler(run, config.get("num_grid_samples", 16), config.seed + 1) \
+      if config.get("sample_every") else None
+  preempted = {"flag": False}
+  old = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True)) \
+      if jax.process_index() == 0 or True else None
+  window, last = [], {}
+  t0 = time.time()
+  try:
+    while step < total:
+      with report.timed("data"):
+        batch = parallel.global_batch(next(data_iter), run.batch_shardings)
+      state, metrics = step_fn(state, batch, base_key)
+      step += 1
+      window.append(metrics)
+      report(step)
+      stop = preempted["flag"] or ck._mngr.reached_preemption(step)
+      if step % config.log_every == 0 or step == total or stop:
+        last = _log(writer, step, window, state)
+        window = []
+      if step % config.ckpt_every == 0 or step == total or stop:
+        _check_finite(state)
+        ck.save(step, state=state, ema=state["ema"], config=run.meta, data_iter=data_iter)
+      if sampler is not None and (step % config.sample_every == 0 or step == total):
+        _write_grid(writer, workdir, step, fs, sampler(state["ema"]))
+      if stop:
+        logging.warning("preemption signal: checkpointed step %d and exiting", step)
+        break
+  finally:
+    ck.wait()
+    writer.flush()
+    if old is not None:
+      signal.signal(signal.SIGTERM, old)
+  last["steps_per_sec"] = step / max(time.time() - t0, 1e-9)
+  last["step"] = step
+  return last
+
+
+def _check_finite(state):
+  bad = int(jax.device_get(state["bad_step"]))
+  if bad >= 0:
+    raise NonFiniteLossError(f"non-finite loss or gradient at step {bad}; "
+                             "stopped without checkpointing this state")
+
+
+def _log(writer, step, window, state) -> dict:
+  _check_finite(state)
+  host = jax.device_get(window)
+  out = {}
+  for k in host[0]:
+    if k in ("bucket_loss_sum", "bucket_count"):
+      continue
+    out[k] = float(np.mean([m[k] for m in host]))
+  sums = np.sum([m["bucket_loss_sum"] for m in host], axis=0)
+  counts = np.sum([m["bucket_count"] for m in host], axis=0)
+  for i, (s, c) in enumerate(zip(sums, counts)):
+    if c:
+      out[f"loss_t{i}"] = float(s / c)
+  writer.write_scalars(step, out)
+  return out
+
+
+def _write_grid(writer, workdir, step, fs, latents):
+  imgs = np.asarray(jax.device_get(fs.decode_uint8(latents)))
+  grid = writers.image_grid(imgs)
+  writers.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid, scale=2)
+  writer.write_images(step, {"samples": grid[None]})

@@ -1,0 +1,40 @@
+"""Shared helpers for trainer tests: a tiny synthetic feature file and config."""
+import os
+
+import ml_collections
+import numpy as np
+
+from configs import common
+
+
+def write_features(path, n=64, seed=0, latent_hw=8, grid=4, enc_dim=32, classes=5):
+  rng = np.random.default_rng(seed)
+  arrays = dict(
+      latents=rng.normal(size=(n, latent_hw, latent_hw, 4)).astype(np.float32),
+      semantic=rng.normal(size=(n, grid, grid, 16)).astype(np.float32),
+      cls=rng.normal(size=(n, enc_dim)).astype(np.float32),
+      align_target=rng.normal(size=(n, grid * grid, enc_dim)).astype(np.float32),
+      label=rng.integers(0, classes, size=n).astype(np.int32))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.savez(path, **arrays)
+  return path
+
+
+def tiny_config(features_path, *, method="reglue", steps=6, batch=8, mesh=None):
+  c = common.diffusion_defaults()
+  c.method = method
+  c.model.arch = "S/2"
+  c.model.overrides = {"depth": 2, "hidden_size": 32, "num_heads": 2, "encoder_depth": 1,
+                       "projector_dim": 16}
+  c.data = ml_collections.ConfigDict({"name": "npz", "path": features_path,
+                                      "num_classes": 5, "workers": 0})
+  c.first_stage = {"name": "pixel", "factor": 2, "channels": 1, "scale": 1.0, "shift": 0.0}
+  c.batch_size = batch
+  c.total_steps = steps
+  c.log_every = 2
+  c.ckpt_every = 3
+  c.sample_every = 0
+  c.optim.lr = 1e-3
+  c.ema_decay = 0.9
+  c.mesh = mesh or {"data": -1, "fsdp": 1}
+  return c
