@@ -1,9 +1,9 @@
 """The embedded demo: the whole REGLUE pipeline on scikit-learn's digits, on CPU.
 
 Stages (each reused when its output exists, so a second run resumes):
- 1. dataset: digits upsampled to 32x32 RGB (train 1500 / test 297);
+ 1. dataset: digits upsampled to ``image_size`` RGB (train 1500 / test 297);
  2. semantic encoder: DINOv2 weights when ``encoder.weights`` is given, else a
-    small ViT of the same module class (patch 4 -> 8x8 grid) trained briefly
+    small ViT of the same module class (patch 4 -> 4x4 grid at 16 px) trained briefly
     as a digit classifier on the train split;
  3. features: blocks ``layers`` of the encoder, each through the final norm
     (multi-layer local features), the last block's [CLS] (global) and patch

@@ -170,11 +170,10 @@ def train(config, workdir: str) -> dict:
     latest = ck.latest_step()
     if latest is not None:
       check_compatible(ck.read_config(latest), run.meta, ck.directory)
+      abs_params = nnx.to_pure_dict(nnx.state(models.build("sit", run.net_cfg, abstract=True)))
+      shapes = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx), abs_params)
       abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              jax.eval_shape(lambda: step_lib.init_state(
-                                  nnx.to_pure_dict(nnx.state(models.build(
-                                      "sit", run.net_cfg, abstract=True))), run.tx)),
-                              run.state_shardings)
+                              shapes, run.state_shardings)
       state = ck.restore(latest, state=abstract, data_iter=data_iter)["state"]
       logging.info("resumed from %s/%d", ck.directory, latest)
     else:
