@@ -49,6 +49,7 @@ def diffusion_defaults() -> ml_collections.ConfigDict:
                                        "warmup_steps": 0, "schedule": "constant",
                                        "total_steps": 0})
   c.ema_decay = 0.9999
+  c.ema_warmup = False
   c.batch_size = 256
   c.total_steps = 400_000
   c.log_every = 100
@@ -66,4 +67,5 @@ def diffusion_defaults() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict({"name": "feature_store", "path": "",
                                       "num_classes": 1000, "workers": 0})
   c.distributed = None
+  c.fault_kill_after_checkpoint = -1   # fault injection for tests: SIGKILL after this step
   return c

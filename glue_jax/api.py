@@ -115,8 +115,8 @@ def load_model(checkpoint_dir: str, *, use_ema: bool = True,
   present = ck.items_at(step)
   item = "ema" if use_ema and "ema" in present else "params"
   if item == "params" and "params" not in present:
-    item = "state"
-    restored = ck.restore(step, state={"params": target})["state"]["params"]
+    item = "state"      # a training checkpoint without EMA: its raw params
+    restored = ck.restore(step, state=ck.abstract_item(step, "state"))["state"]["params"]
   else:
     restored = ck.restore(step, **{item: target})[item]
   nnx.replace_by_pure_dict(abs_params, jax.tree.map(jnp.asarray, restored))

@@ -58,30 +58,54 @@ def test_sharded_step_equals_single_device(features):
 def _final_params(workdir):
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   step = ck.latest_step()
-  out = ck.restore(step, state=jax.tree.map(
-      lambda a: a, _abstract(ck, step)))["state"]
+  out = ck.restore(step, state=ck.abstract_item(step, "state"))["state"]
   ck.close()
   return step, out
 
 
-def _abstract(ck, step):
-  import orbax.checkpoint as ocp
-  meta = ck._mngr.item_metadata(step)["state"]
-  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta,
-                      is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+def _worker(features, workdir, steps, kill=-1, mesh=(8, 1)):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+  env["PYTHONPATH"] = root
+  return subprocess.run([sys.executable, "-m", "tests.kill_worker", features, workdir,
+                         str(steps), str(kill), str(mesh[0]), str(mesh[1])],
+                        cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_resume_equals_uninterrupted(features, tmp_path):
+def _iter_state(workdir, step):
+  d = os.path.join(workdir, "checkpoints", str(step), "data_iter")
+  return {f: open(os.path.join(d, f)).read() for f in sorted(os.listdir(d))
+          if f.startswith("process_")}
+
+
+def test_resume_after_kill_equals_uninterrupted(features, tmp_path):
   straight = str(tmp_path / "straight")
   loop.train(train_utils.tiny_config(features, steps=6), straight)
   resumed = str(tmp_path / "resumed")
-  loop.train(train_utils.tiny_config(features, steps=3), resumed)   # stops at 3
+  r = _worker(features, resumed, steps=6, kill=3)       # SIGKILL right after step 3
+  assert r.returncode == -9, r.stderr[-2000:]
+  assert ckpt_lib.Checkpointer(os.path.join(resumed, "checkpoints")).all_steps() == [3]
   loop.train(train_utils.tiny_config(features, steps=6), resumed)   # resumes 3 -> 6
   sa, a = _final_params(straight)
   sb, b = _final_params(resumed)
   assert sa == sb == 6
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert _iter_state(straight, 6) == _iter_state(resumed, 6)     # same data order
+
+
+def test_restore_onto_a_different_mesh(features, tmp_path):
+  straight = str(tmp_path / "straight")
+  loop.train(train_utils.tiny_config(features, steps=6), straight)
+  wd = str(tmp_path / "remesh")
+  loop.train(train_utils.tiny_config(features, steps=3, mesh={"data": 8, "fsdp": 1}), wd)
+  loop.train(train_utils.tiny_config(features, steps=6, mesh={"data": 2, "fsdp": 4}), wd)
+  _, a = _final_params(straight)
+  _, b = _final_params(wd)
+  for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
 def test_config_mismatch_is_clear_error(features, tmp_path):
@@ -112,3 +136,5 @@ def test_loaded_model_from_training_run_samples(features, tmp_path):
   x0, g0 = model.sample(np.array([0, 1]), num_steps=5)
   assert x0.shape == (2, 8, 8, 20) and g0.shape == (2, 32)
   assert np.isfinite(np.asarray(x0)).all()
+  raw = glue_jax.load_model(wd, use_ema=False)      # raw params of a training checkpoint
+  assert jax.tree.structure(raw.params) == jax.tree.structure(model.params)

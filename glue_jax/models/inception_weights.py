@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from glue_jax.models import torch_weights
 from glue_jax.models.inception import FIDInception
 from glue_jax.models.torch_weights import (
     WeightsError, check_consumed, conv, flat_params, linear, read_state_dict)
@@ -111,22 +112,9 @@ def expected_shapes(dtype=jnp.float32) -> dict[str, tuple[int, ...]]:
 def _check(mapping: Mapping[str, np.ndarray], *, where: str,
            upstream: bool) -> None:
   """Lists every missing, unexpected and mis-shaped entry of ``mapping``."""
-  want = expected_shapes()
-  name = torch_key if upstream else (lambda k: k)
-  missing = sorted(name(k) for k in set(want) - set(mapping))
-  unexpected = sorted(set(mapping) - set(want))
-  bad = sorted(f"{name(k)}: got {tuple(np.shape(mapping[k]))}, expected {want[k]}"
-               for k in set(want) & set(mapping)
-               if tuple(np.shape(mapping[k])) != want[k])
-  if missing or unexpected or bad:
-    lines = [f"{where} do not fit the FID Inception:"]
-    if missing:
-      lines.append(f"  missing ({len(missing)}): " + ", ".join(missing))
-    if unexpected:
-      lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected))
-    if bad:
-      lines.append(f"  mis-shaped ({len(bad)}) [our layout]: " + "; ".join(bad))
-    raise WeightsError("\n".join(lines))
+  torch_weights.check_shapes(expected_shapes(), mapping, where=where,
+                             what="the FID Inception",
+                             name=torch_key if upstream else (lambda k: k))
 
 
 def _assemble(mapping: Mapping[str, np.ndarray], dtype) -> FIDInception:

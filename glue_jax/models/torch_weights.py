@@ -104,13 +104,28 @@ def load_into(module: nnx.Module, mapping: Mapping[str, np.ndarray], *,
   """
   flat = flat_params(module, filt)
   allow_missing = set(allow_missing)
-  missing = sorted(set(flat) - set(mapping) - allow_missing)
-  unexpected = sorted(set(mapping) - set(flat))
-  bad = sorted(f"{k}: got {tuple(np.shape(mapping[k]))}, expected {tuple(flat[k].shape)}"
-               for k in set(flat) & set(mapping)
-               if tuple(np.shape(mapping[k])) != tuple(flat[k].shape))
+  want = {k: tuple(v.shape) for k, v in flat.items()
+          if k in mapping or k not in allow_missing}
+  check_shapes(want, mapping, where=where, what="the network")
+  for k, arr in mapping.items():
+    var = flat[k]
+    var.value = jax.numpy.asarray(arr, dtype=var.value.dtype)
+
+
+def check_shapes(want: Mapping[str, tuple], mapping: Mapping[str, Any], *, where: str,
+                 what: str = "the network", name=lambda k: k) -> None:
+  """Raises WeightsError listing every missing, unexpected and mis-shaped key.
+
+  ``want`` maps our flat paths to shapes; ``name`` renders a path in the
+  message (e.g. as the upstream key).
+  """
+  missing = sorted(name(k) for k in set(want) - set(mapping))
+  unexpected = sorted(set(mapping) - set(want))
+  bad = sorted(f"{name(k)}: got {tuple(np.shape(mapping[k]))}, expected {tuple(want[k])}"
+               for k in set(want) & set(mapping)
+               if tuple(np.shape(mapping[k])) != tuple(want[k]))
   if missing or unexpected or bad:
-    lines = [f"{where} do not fit the network:"]
+    lines = [f"{where} do not fit {what}:"]
     if missing:
       lines.append(f"  missing ({len(missing)}): " + ", ".join(missing))
     if unexpected:
@@ -118,9 +133,6 @@ def load_into(module: nnx.Module, mapping: Mapping[str, np.ndarray], *,
     if bad:
       lines.append(f"  mis-shaped ({len(bad)}): " + "; ".join(bad))
     raise WeightsError("\n".join(lines))
-  for k, arr in mapping.items():
-    var = flat[k]
-    var.value = jax.numpy.asarray(arr, dtype=var.value.dtype)
 
 
 def check_consumed(sd: Mapping[str, Any], used: Iterable[str], *, where: str,

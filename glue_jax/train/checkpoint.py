@@ -124,6 +124,12 @@ class Checkpointer:
     result["step"] = step
     return result
 
+  def abstract_item(self, step: int, name: str):
+    """ShapeDtypeStructs of a stored array item (from its on-disk metadata)."""
+    meta = self._mngr.item_metadata(step)[name]
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta,
+                        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+
   def read_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     if step is None:

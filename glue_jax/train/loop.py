@@ -87,7 +87,7 @@ def build(config) -> Run:
   step_cfg = step_lib.StepConfig(
       method=method, loss=loss_cfg, time_dist=config.loss.time_dist,
       latent_scale=config.first_stage.scale, latent_shift=config.first_stage.get("shift", 0.0),
-      ema_decay=config.ema_decay)
+      ema_decay=config.ema_decay, ema_warmup=config.get("ema_warmup", False))
   tx = step_lib.make_optimizer(**dict(config.optim))
   graphdef = nnx.graphdef(models.build("sit", net_cfg, abstract=True))
   batch_spec = {k: len(s[0]) + 1 for k, s in spec.items()}
@@ -198,8 +198,7 @@ def _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key):
   sampler = _make_sampler(run, config.get("num_grid_samples", 16), config.seed + 1) \
       if config.get("sample_every") else None
   preempted = {"flag": False}
-  old = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True)) \
-      if jax.process_index() == 0 or True else None
+  old = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
   window, last = [], {}
   t0 = time.time()
   try:
@@ -217,6 +216,9 @@ def _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key):
       if step % config.ckpt_every == 0 or step == total or stop:
         _check_finite(state)
         ck.save(step, state=state, ema=state["ema"], config=run.meta, data_iter=data_iter)
+        if step == config.get("fault_kill_after_checkpoint", -1):
+          ck.wait()      # fault injection (tests): die hard once this step is committed
+          os.kill(os.getpid(), signal.SIGKILL)
       if sampler is not None and (step % config.sample_every == 0 or step == total):
         _write_grid(writer, workdir, step, fs, sampler(state["ema"]))
       if stop:

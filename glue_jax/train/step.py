@@ -36,6 +36,10 @@ class StepConfig:
   latent_scale: float = 0.18215
   latent_shift: float = 0.0
   ema_decay: float = 0.9999
+  # REGLUE: constant decay from an exact copy (False).  Short runs (the demo)
+  # use decay_t = min(decay, (1 + t) / (10 + t)) so the EMA tracks early
+  # training instead of staying close to the zero-initialised heads.
+  ema_warmup: bool = False
   time_buckets: int = 4
 
 
@@ -97,7 +101,9 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepCo
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    d = cfg.ema_decay
+    d = jnp.asarray(cfg.ema_decay, jnp.float32)
+    if cfg.ema_warmup:
+      d = jnp.minimum(d, (1.0 + step) / (10.0 + step))
     ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
     keep = lambda new, old: jax.tree.map(lambda a, o: jnp.where(finite, a, o), new, old)
     new_state = {

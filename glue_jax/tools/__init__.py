@@ -1,0 +1,1 @@
+"""Command-line tools (``python -m glue_jax.tools.<tool> --help``)."""

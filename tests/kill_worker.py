@@ -1,0 +1,26 @@
+"""Trains the tiny config in a subprocess (used by test_train's kill test).
+
+  python -m tests.kill_worker FEATURES WORKDIR STEPS KILL_AFTER MESH_DATA MESH_FSDP
+"""
+import os
+import sys
+
+
+def main():
+  features, workdir, steps, kill, data, fsdp = sys.argv[1:7]
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax
+  jax.config.update("jax_num_cpu_devices", 8)
+  # The same XLA settings as tests/conftest.py, so programs compile identically.
+  jax.config.update("jax_default_matmul_precision", "highest")
+  jax.config.update("jax_disable_most_optimizations", True)
+  from glue_jax.train import loop
+  from tests import train_utils
+  cfg = train_utils.tiny_config(features, steps=int(steps),
+                                mesh={"data": int(data), "fsdp": int(fsdp)})
+  cfg.fault_kill_after_checkpoint = int(kill)
+  loop.train(cfg, workdir)
+
+
+if __name__ == "__main__":
+  main()
