@@ -148,3 +148,17 @@ def test_logical_axes_on_every_param_and_specs():
       None, "fsdp", None)
   for path, var in nnx.to_flat_state(state):
     assert var.get_metadata().get("logical_axes") is not None, path
+
+
+def test_bfloat16_compute_close_to_float32():
+  cfg = _tiny()
+  base = _perturbed(cfg)
+  x, t, y, g = _inputs(cfg)
+  ref = base(x, t, y, g)
+  graphdef = nnx.graphdef(models.build("sit", dataclasses.replace(cfg, dtype="bfloat16"),
+                                       abstract=True))
+  out = Jitted(graphdef, base.state)(x, t, y, g)
+  for a, b in zip(out, ref):
+    assert a.dtype == jnp.float32                      # outputs and params stay fp32
+    rel = float(jnp.abs(a - b).max() / jnp.abs(b).max())
+    assert rel < 5e-2, rel
