@@ -68,4 +68,5 @@ def diffusion_defaults() -> ml_collections.ConfigDict:
                                       "num_classes": 1000, "workers": 0})
   c.distributed = None
   c.fault_kill_after_checkpoint = -1   # fault injection for tests: SIGKILL after this step
+  c.fault_sigterm_at_step = -1         # fault injection for tests: SIGTERM at this step
   return c

@@ -138,3 +138,14 @@ def test_loaded_model_from_training_run_samples(features, tmp_path):
   assert np.isfinite(np.asarray(x0)).all()
   raw = glue_jax.load_model(wd, use_ema=False)      # raw params of a training checkpoint
   assert jax.tree.structure(raw.params) == jax.tree.structure(model.params)
+
+
+def test_sigterm_checkpoints_and_exits_then_resumes(features, tmp_path):
+  wd = str(tmp_path / "preempt")
+  cfg = train_utils.tiny_config(features, steps=6)
+  cfg.fault_sigterm_at_step = 2
+  out = loop.train(cfg, wd)
+  assert out["step"] == 2
+  assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).all_steps() == [2]
+  out = loop.train(train_utils.tiny_config(features, steps=6), wd)
+  assert out["step"] == 6

@@ -207,6 +207,8 @@ def _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key):
         batch = parallel.global_batch(next(data_iter), run.batch_shardings)
       state, metrics = step_fn(state, batch, base_key)
       step += 1
+      if step == config.get("fault_sigterm_at_step", -1):
+        os.kill(os.getpid(), signal.SIGTERM)     # fault injection (tests): preemption
       window.append(metrics)
       report(step)
       stop = preempted["flag"] or ck._mngr.reached_preemption(step)
