@@ -31,7 +31,7 @@ def get_config(arg=None):
                                       "workers": 0})
   t.first_stage = {"name": "pixel", "factor": 2, "channels": 3, "scale": 1.0, "shift": 0.0}
   t.batch_size = 64
-  t.total_steps = a.steps or (100 if a.fast else 2000)
+  t.total_steps = a.steps or (100 if a.fast else 1600)
   t.optim.lr = 1e-3
   t.ema_decay = 0.999
   t.ema_warmup = True

@@ -157,7 +157,7 @@ def run(cfg, workdir: str) -> dict:
   test = digits.load("test", cfg.image_size)
   fs = first_stage_lib.build(dict(cfg.train.first_stage))
   enc = _encoder(cfg, workdir, train)
-  train_path = _features(cfg, workdir, enc, fs, "train", train)
+  _features(cfg, workdir, enc, fs, "train", train)
   _features(cfg, workdir, enc, fs, "test", test)
   tc = cfg.train
   with tc.unlocked():
@@ -167,7 +167,6 @@ def run(cfg, workdir: str) -> dict:
   result["train"] = metrics
   writers.save_json(os.path.join(workdir, "metrics.json"), result)
   logging.info("demo metrics: %s", json.dumps(result, default=float))
-  assert os.path.exists(train_path)
   return result
 
 

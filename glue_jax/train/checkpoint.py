@@ -136,6 +136,10 @@ class Checkpointer:
       raise CheckpointError(f"no finished checkpoint in {self.directory}")
     return self.restore(step, config=True)["config"]
 
+  def reached_preemption(self, step: int) -> bool:
+    """True when the JAX distributed runtime signals a preemption (all hosts agree)."""
+    return self._mngr.reached_preemption(step)
+
   def wait(self):
     self._mngr.wait_until_finished()
 

@@ -109,9 +109,8 @@ def build(config) -> Run:
 
 
 def init_params(run: Run, seed: int) -> dict:
-  psh = jax.tree.map(lambda s: s, run.state_shardings["params"])
   make = lambda: nnx.to_pure_dict(nnx.state(models.build("sit", run.net_cfg, seed=seed)))
-  return jax.jit(make, out_shardings=psh)()
+  return jax.jit(make, out_shardings=run.state_shardings["params"])()
 
 
 def check_compatible(saved: dict, meta: dict, where: str) -> None:
@@ -211,7 +210,7 @@ def _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key):
         os.kill(os.getpid(), signal.SIGTERM)     # fault injection (tests): preemption
       window.append(metrics)
       report(step)
-      stop = preempted["flag"] or ck._mngr.reached_preemption(step)
+      stop = preempted["flag"] or ck.reached_preemption(step)
       if step % config.log_every == 0 or step == total or stop:
         last = _log(writer, step, window, state)
         window = []
