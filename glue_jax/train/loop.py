@@ -191,7 +191,7 @@ def _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key):
   from clu import periodic_actions
   writer = writers.create_writer(workdir)
   total = config.total_steps
-  step = int(jax.device_get(state["step"]))
+  step = start = int(jax.device_get(state["step"]))
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_steps=config.log_every)
   sampler = _make_sampler(run, config.get("num_grid_samples", 16), config.seed + 1) \
@@ -230,7 +230,7 @@ def _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key):
     writer.flush()
     if old is not None:
       signal.signal(signal.SIGTERM, old)
-  last["steps_per_sec"] = step / max(time.time() - t0, 1e-9)
+  last["steps_per_sec"] = (step - start) / max(time.time() - t0, 1e-9)
   last["step"] = step
   return last
 
