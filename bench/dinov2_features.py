@@ -14,7 +14,6 @@ for the preprocessing alone and for the whole extraction.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from glue_jax.models import dinov2 as dv  # noqa: E402
+import bench_io  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+
 
 NAME = "dinov2_features"
 
@@ -146,10 +147,7 @@ def main(argv=None):
              indices=list(indices), jax=jax.__version__,
              device=str(jax.devices()[0].device_kind), cpus=os.cpu_count(),
              machine=platform.machine(), results=results)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=2)
-  print(f"wrote {args.out}")
+  bench_io.write_json(args.out, out)
 
 
 if __name__ == "__main__":

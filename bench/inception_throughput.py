@@ -11,7 +11,6 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from glue_jax.models.inception_weights import random_inception  # noqa: E402
+import bench_io  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+
 
 
 def bench_one(dtype_name: str, batch: int, size: int, iters: int,
@@ -83,10 +84,7 @@ def main(argv=None):
             "platform": dev.platform, "device_kind": dev.device_kind,
             "host": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "iters": args.iters, "rows": rows}
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {args.out}")
+  bench_io.write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -43,6 +42,8 @@ from glue_jax import models  # noqa: E402
 from glue_jax.models import sit  # noqa: E402
 from glue_jax.train import step as step_lib  # noqa: E402
 from glue_jax.transport import losses  # noqa: E402
+import bench_io  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+
 
 NAME = "sit_throughput"
 ENCODER_DIM = 768          # DINOv2-B: width of [CLS] and of the REPA targets
@@ -275,10 +276,7 @@ def main(argv=None):
                         "lowering when available (the scanned executable counts "
                         "the layer loop body once), else the analytic count",
              results=results)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=2)
-  print(f"wrote {args.out} ({out['total_s']:.0f} s)")
+  bench_io.write_json(args.out, out)
 
 
 if __name__ == "__main__":

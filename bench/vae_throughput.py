@@ -16,7 +16,6 @@ On a 2-core CPU one fp32 batch of 4 takes roughly 1 min (encode) and 2 min
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -29,6 +28,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from glue_jax.models import vae as vae_lib  # noqa: E402
+import bench_io  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+
 
 NAME = "vae_throughput"
 
@@ -136,10 +137,7 @@ def main(argv=None):
                 device=jax.devices()[0].device_kind, backend=jax.default_backend(),
                 jax=jax.__version__, cpu_count=os.cpu_count(),
                 machine=platform.machine())
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as fh:
-    json.dump(result, fh, indent=2)
-  print(f"wrote {args.out}")
+  bench_io.write_json(args.out, result)
 
 
 if __name__ == "__main__":
