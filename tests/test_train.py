@@ -58,9 +58,10 @@ def test_sharded_step_equals_single_device(features):
 def _final_params(workdir):
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   step = ck.latest_step()
-  out = ck.restore(step, state=ck.abstract_item(step, "state"))["state"]
+  r = ck.restore(step, state=ck.abstract_item(step, "state"),
+                 ema=ck.abstract_item(step, "ema"))
   ck.close()
-  return step, out
+  return step, {**r["state"], "ema": r["ema"]}
 
 
 def _worker(features, workdir, steps, kill=-1, mesh=(8, 1)):

@@ -173,7 +173,9 @@ def train(config, workdir: str) -> dict:
       shapes = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx), abs_params)
       abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               shapes, run.state_shardings)
-      state = ck.restore(latest, state=abstract, data_iter=data_iter)["state"]
+      r = ck.restore(latest, state=_without_ema(abstract), ema=abstract["ema"],
+                     data_iter=data_iter)
+      state = {**r["state"], "ema": r["ema"]}
       logging.info("resumed from %s/%d", ck.directory, latest)
     else:
       params = init_params(run, config.seed)
@@ -216,7 +218,8 @@ def _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key):
         window = []
       if step % config.ckpt_every == 0 or step == total or stop:
         _check_finite(state)
-        ck.save(step, state=state, ema=state["ema"], config=run.meta, data_iter=data_iter)
+        ck.save(step, state=_without_ema(state), ema=state["ema"], config=run.meta,
+                data_iter=data_iter)
         if step == config.get("fault_kill_after_checkpoint", -1):
           ck.wait()      # fault injection (tests): die hard once this step is committed
           os.kill(os.getpid(), signal.SIGKILL)
@@ -233,6 +236,11 @@ def _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key):
   last["steps_per_sec"] = (step - start) / max(time.time() - t0, 1e-9)
   last["step"] = step
   return last
+
+
+def _without_ema(state: dict) -> dict:
+  """The train state minus its EMA, which is stored once, as the 'ema' item."""
+  return {k: v for k, v in state.items() if k != "ema"}
 
 
 def _check_finite(state):
