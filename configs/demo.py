@@ -19,9 +19,9 @@ def get_config(arg=None):
   c.image_size = 16
   c.encoder = ml_collections.ConfigDict(dict(
       weights="", dim=64, depth=4, heads=4, patch_size=4, layers=(0, 1, 2, 3),
-      steps=100 if a.fast else 500, batch_size=128, lr=2e-3))
+      steps=100 if a.fast else 150, batch_size=128, lr=2e-3))
   c.compressor = ml_collections.ConfigDict(dict(
-      hidden=64, out_channels=16, steps=100 if a.fast else 400, batch_size=128, lr=1e-3))
+      hidden=64, out_channels=16, steps=100 if a.fast else 150, batch_size=128, lr=1e-3))
   t = common.diffusion_defaults()
   t.method = a.method
   t.model.arch = "S/2"
@@ -31,7 +31,7 @@ def get_config(arg=None):
                                       "workers": 0})
   t.first_stage = {"name": "pixel", "factor": 2, "channels": 3, "scale": 1.0, "shift": 0.0}
   t.batch_size = 64
-  t.total_steps = a.steps or (100 if a.fast else 1600)
+  t.total_steps = a.steps or (100 if a.fast else 1200)
   t.optim.lr = 1e-3
   t.ema_decay = 0.999
   t.ema_warmup = True
@@ -43,5 +43,5 @@ def get_config(arg=None):
   c.train = t
   c.eval = ml_collections.ConfigDict(dict(num_samples=100 if a.fast else 500,
                                           batch_size=100, cfg_scale=2.0,
-                                          num_steps=20 if a.fast else 100))
+                                          num_steps=20 if a.fast else 50))
   return c

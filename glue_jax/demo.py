@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from flax import nnx
 from glue_jax.data import digits
 from glue_jax.eval import frechet
 from glue_jax.models import compressor as compressor_lib
-from glue_jax.models import dinov2, first_stage as first_stage_lib, layers
+from glue_jax.models import dinov2, dinov2_weights, first_stage as first_stage_lib, layers
 from glue_jax.train import fit as fit_lib
 from glue_jax.train import loop, writers
 
@@ -55,23 +56,6 @@ def normalize(images_uint8) -> jax.Array:
   return (jnp.asarray(images_uint8, jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def _save_module(module, path):
-  flat = {"/".join(map(str, k)): np.asarray(v.value)
-          for k, v in nnx.to_flat_state(nnx.state(module))}
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **flat)
-  os.replace(tmp, path)
-
-
-def _load_module(module, path):
-  with np.load(path) as f:
-    for k, v in nnx.to_flat_state(nnx.state(module)):
-      key = "/".join(map(str, k))
-      if key not in f.files:
-        raise KeyError(f"{path}: missing {key}")
-      v.value = jnp.asarray(f[key])
-
-
 def _encoder(cfg, workdir, data):
   ec = cfg.encoder
   vit_cfg = dinov2.Dinov2Config(dim=ec.dim, depth=ec.depth, num_heads=ec.heads,
@@ -79,8 +63,7 @@ def _encoder(cfg, workdir, data):
   enc = Encoder(vit_cfg, digits.NUM_CLASSES, rngs=nnx.Rngs(cfg.seed))
   path = os.path.join(workdir, "encoder.npz")
   if os.path.exists(path):
-    _load_module(enc, path)
-    return enc
+    return writers.load_module(enc, path)
 
   def loss_fn(m, batch, key):
     logits = m.logits(normalize(batch["image"]))
@@ -88,7 +71,12 @@ def _encoder(cfg, workdir, data):
 
   fit_lib.fit(enc, loss_fn, fit_lib.batches_from(data, ec.batch_size, cfg.seed),
               steps=ec.steps, tx=optax.adamw(ec.lr, weight_decay=0.05), desc="encoder")
-  _save_module(enc, path)
+  # The ViT alone in DINOv2's loadable format (configs/compressor.py:digits,
+  # tools/precompute read it like real DINOv2 weights).
+  vit_path = os.path.join(workdir, "encoder_vit.npz")
+  dinov2_weights.save_npz(enc.vit, vit_path + ".tmp.npz")
+  os.replace(vit_path + ".tmp.npz", vit_path)
+  writers.save_module(enc, path)
   return enc
 
 
@@ -130,11 +118,10 @@ def _features(cfg, workdir, enc, fs, split, data):
 def _compressor(cfg, workdir, std_local, in_ch):
   cc = cfg.compressor
   comp = compressor_lib.Compressor(compressor_lib.CompressorConfig(
-      in_channels=in_ch, hidden=cc.hidden, out_channels=cc.out_channels),
-      rngs=nnx.Rngs(cfg.seed))
+      channels=(in_ch, cc.hidden, cc.out_channels)), rngs=nnx.Rngs(cfg.seed))
   path = os.path.join(workdir, "compressor.npz")
   if os.path.exists(path):
-    _load_module(comp, path)
+    writers.load_module(comp, path)
     return comp
   if std_local is None:
     raise RuntimeError("the compressor is trained on the train split first")
@@ -147,24 +134,43 @@ def _compressor(cfg, workdir, std_local, in_ch):
                                                           cfg.seed), steps=cc.steps,
                      tx=optax.adam(sched), desc="compressor")
   logging.info("compressor MSE %s", hist[-1])
-  _save_module(comp, path)
+  writers.save_module(comp, path)
   return comp
+
+
+class _StageTimer:
+  """Wall-clock seconds per demo stage (reported in metrics.json)."""
+
+  def __init__(self):
+    self.seconds, self._t = {}, time.time()
+
+  def done(self, stage: str):
+    now = time.time()
+    self.seconds[stage] = round(now - self._t, 2)
+    self._t = now
 
 
 def run(cfg, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
+  timer = _StageTimer()
   train = digits.load("train", cfg.image_size)
   test = digits.load("test", cfg.image_size)
   fs = first_stage_lib.build(dict(cfg.train.first_stage))
+  timer.done("dataset")
   enc = _encoder(cfg, workdir, train)
+  timer.done("encoder")
   _features(cfg, workdir, enc, fs, "train", train)
   _features(cfg, workdir, enc, fs, "test", test)
+  timer.done("features_and_compressor")
   tc = cfg.train
   with tc.unlocked():
     tc.data.path = os.path.join(workdir, "features_{split}.npz")
   metrics = loop.train(tc, os.path.join(workdir, "reglue"))
+  timer.done("train")
   result = _evaluate(cfg, workdir, enc, fs, test)
+  timer.done("evaluate")
   result["train"] = metrics
+  result["stage_seconds"] = timer.seconds
   writers.save_json(os.path.join(workdir, "metrics.json"), result)
   logging.info("demo metrics: %s", json.dumps(result, default=float))
   return result

@@ -1,7 +1,8 @@
 """Entry point: ``python -m glue_jax.main --config=configs/<family>.py:<args> --workdir=DIR``.
 
-``config.kind`` chooses what runs: 'diffusion' (the trainer) or 'demo' (the
-embedded digits pipeline).  ``--config.x=...`` overrides any field.
+``config.kind`` chooses what runs (see ``KINDS``): 'diffusion' (the trainer),
+'demo' (the embedded digits pipeline), 'compressor', 'lainr', 'scenes'.
+``--config.x=...`` overrides any field.
 """
 
 from __future__ import annotations
@@ -24,15 +25,23 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+# config.kind -> module whose ``run(config, workdir) -> dict`` runs it.
+KINDS = {
+    "diffusion": "glue_jax.train.loop",      # SiT / REPA / REG / ReDi / REGLUE training
+    "demo": "glue_jax.demo",                 # the embedded digits pipeline
+    "compressor": "glue_jax.compressor_train",  # REGLUE's semantic compressor
+    "lainr": "glue_jax.lainr",               # LA-INR reconstruction / NVS / generation
+    "scenes": "glue_jax.scenes",             # GLoD's prompt-conditioned scenes model
+}
+
+
 def run(config, workdir: str) -> dict:
+  import importlib
   kind = config.get("kind", "diffusion")
-  if kind == "diffusion":
-    from glue_jax.train import loop
-    return loop.train(config, workdir)
-  if kind == "demo":
-    from glue_jax import demo
-    return demo.run(config, workdir)
-  raise ValueError(f"config.kind={kind!r}: 'diffusion' or 'demo'")
+  if kind not in KINDS:
+    raise ValueError(f"config.kind={kind!r}; one of {sorted(KINDS)}")
+  mod = importlib.import_module(KINDS[kind])
+  return (mod.train if kind == "diffusion" else mod.run)(config, workdir)
 
 
 def main(argv):

@@ -54,3 +54,59 @@ def save_json(path: str, obj) -> str:
     json.dump(obj, f, indent=2, sort_keys=True, default=float)
   os.replace(tmp, path)
   return path
+
+
+def save_npz(path: str, **arrays) -> str:
+  """Writes an ``.npz`` atomically."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+  return path
+
+
+def save_module(module, path: str) -> str:
+  """Every variable of an NNX module (params and statistics) to ``.npz``."""
+  from flax import nnx
+  flat = {"/".join(map(str, k)): np.asarray(v.value)
+          for k, v in nnx.to_flat_state(nnx.state(module))}
+  return save_npz(path, **flat)
+
+
+def load_module(module, path: str):
+  """Fills an NNX module written by :func:`save_module`; every variable must
+  be present with its shape (errors name the file and key)."""
+  from flax import nnx
+  import jax.numpy as jnp
+  with np.load(path) as f:
+    for k, v in nnx.to_flat_state(nnx.state(module)):
+      key = "/".join(map(str, k))
+      if key not in f.files:
+        raise KeyError(f"{path}: missing {key}")
+      if tuple(f[key].shape) != tuple(v.value.shape):
+        raise ValueError(f"{path}: {key} has shape {f[key].shape}, expected {v.value.shape}")
+      v.value = jnp.asarray(f[key])
+  return module
+
+
+def save_curve(path: str, series: dict, *, xlabel: str = "step", ylabel: str = "value",
+               x: dict | None = None) -> str:
+  """Line plot of ``{name: values}`` as a PNG (matplotlib, Agg), atomically."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+  for name, ys in series.items():
+    xs = (x or {}).get(name, range(1, len(ys) + 1))
+    ax.plot(list(xs), list(ys), label=name, marker="o" if len(ys) < 30 else None)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
