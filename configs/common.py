@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from glue_jax import sharding
+
+RELEASED_STATS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "glue_jax", "assets", "dinov2_vitb14_reg_blocks8-11_norm_stats.npz")
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -66,7 +71,21 @@ def diffusion_defaults() -> ml_collections.ConfigDict:
   c.first_stage = {"name": "vae", "path": "", "scale": 0.18215, "shift": 0.0}
   c.data = ml_collections.ConfigDict({"name": "feature_store", "path": "",
                                       "num_classes": 1000, "workers": 0})
+  # Semantic features: 'precomputed' (read from the data source / feature store)
+  # or 'online' (computed inside the train step from the source's images by the
+  # frozen encoder below; glue_jax.models.semantic_encoder.from_config).
+  c.features = ml_collections.ConfigDict({
+      "mode": "precomputed", "encoder": "dinov2", "dinov2": "", "layers": (8, 9, 10, 11),
+      "input_size": 224,
+      "local": "compressor", "stats": RELEASED_STATS, "compressor": "", "pca": ""})
   c.distributed = None
+  c.aot_compile = True           # compile the step at start-up, log its memory analysis
+  c.profile_steps = ()           # (start, stop): profiler trace of those steps
+  # jax.transfer_guard around the step in the hot loop: 'allow' | 'log' | 'disallow'
+  # (tests run with 'disallow': no implicit host<->device transfers per step).
+  c.transfer_guard = "allow"
   c.fault_kill_after_checkpoint = -1   # fault injection for tests: SIGKILL after this step
   c.fault_sigterm_at_step = -1         # fault injection for tests: SIGTERM at this step
+  c.fault_kill_during_checkpoint = -1  # fault injection for tests: SIGKILL while writing
+  c.fault_kill_at_step = -1            # fault injection for tests: SIGKILL after this step
   return c

@@ -8,14 +8,9 @@
     --config=configs/compressor.py:digits,dinov2=workdirs/demo/encoder_vit.npz
 """
 
-import os
-
 import ml_collections
 
 from configs import common
-
-RELEASED_STATS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "glue_jax", "assets", "dinov2_vitb14_reg_blocks8-11_norm_stats.npz")
 
 
 def get_config(arg=None):
@@ -33,7 +28,7 @@ def get_config(arg=None):
   if a.stats == "released":
     if c.layers != (8, 9, 10, 11):
       raise ValueError("the released statistics are for blocks 8-11; use stats=own")
-    c.stats = RELEASED_STATS
+    c.stats = common.RELEASED_STATS
   else:
     c.stats = "" if a.stats == "own" else a.stats
   c.stats_images = 77_000         # the official script saw ~77K images, unshuffled

@@ -3,17 +3,31 @@
   --config=configs/reglue.py:model=XL/2,method=reglue
   --config=configs/reglue.py:model=B/2,method=h          (Table 1 row h = REG)
   --config=configs/reglue.py:runlocal                    (tiny smoke run)
+  --config=configs/reglue.py:online,dinov2=DIR,compressor=compression_model.pth
+      (DINOv2 + compressor inside the train step; the data source carries images)
 """
 
 from configs import common
+from glue_jax import methods
 
 
 def get_config(arg=None):
   a = common.parse_arg(arg, model="XL/2", method="reglue", runlocal=False,
-                       features="", bf16=False)
+                       features="", bf16=False, online=False, dinov2="", compressor="",
+                       pca="", stats="")
   c = common.diffusion_defaults()
   c.model.arch = a.model
   c.method = a.method
+  # Which encoder outputs the method's semantic grid needs (used by online
+  # features and by tools/precompute): compressor on blocks 8-11 (multi-layer)
+  # or on the last block, ReDi's PCA on the last block, or none.
+  m = methods.get(a.method)
+  c.features.mode = "online" if a.online else "precomputed"
+  c.features.local = {"nonlinear": "compressor", "linear": "pca", "none": "none"}[m.local]
+  c.features.layers = (8, 9, 10, 11) if m.multi_layer else (11,)
+  if a.stats or not m.multi_layer:
+    c.features.stats = a.stats     # released statistics exist for blocks 8-11 only
+  c.features.dinov2, c.features.compressor, c.features.pca = a.dinov2, a.compressor, a.pca
   if "XL" in a.model and a.method in ("reglue", "m", "n"):
     # Released code: lambda_s x0.5 from 250K steps and x0.25 from 500K (XL only).
     c.loss.semantic_weight_schedule = ((250_000, 0.5), (500_000, 0.25))

@@ -150,9 +150,11 @@ class _StageTimer:
     self._t = now
 
 
-def run(cfg, workdir: str) -> dict:
+def prepare(cfg, workdir: str, timer: "_StageTimer | None" = None):
+  """Stages 1-5 (reused when present): ``(encoder, first_stage, test split)``;
+  ``cfg.train.data.path`` then names the feature files."""
+  timer = timer or _StageTimer()
   os.makedirs(workdir, exist_ok=True)
-  timer = _StageTimer()
   train = digits.load("train", cfg.image_size)
   test = digits.load("test", cfg.image_size)
   fs = first_stage_lib.build(dict(cfg.train.first_stage))
@@ -162,10 +164,15 @@ def run(cfg, workdir: str) -> dict:
   _features(cfg, workdir, enc, fs, "train", train)
   _features(cfg, workdir, enc, fs, "test", test)
   timer.done("features_and_compressor")
-  tc = cfg.train
-  with tc.unlocked():
-    tc.data.path = os.path.join(workdir, "features_{split}.npz")
-  metrics = loop.train(tc, os.path.join(workdir, "reglue"))
+  with cfg.train.unlocked():
+    cfg.train.data.path = os.path.join(workdir, "features_{split}.npz")
+  return enc, fs, test
+
+
+def run(cfg, workdir: str) -> dict:
+  timer = _StageTimer()
+  enc, fs, test = prepare(cfg, workdir, timer)
+  metrics = loop.train(cfg.train, os.path.join(workdir, "reglue"))
   timer.done("train")
   result = _evaluate(cfg, workdir, enc, fs, test)
   timer.done("evaluate")

@@ -111,7 +111,12 @@ def test_restore_onto_a_different_mesh(features, tmp_path):
 
 def test_config_mismatch_is_clear_error(features, tmp_path):
   wd = str(tmp_path / "run")
-  loop.train(train_utils.tiny_config(features, steps=3), wd)
+  cfg = train_utils.tiny_config(features, steps=3)
+  cfg.profile_steps = (1, 2)
+  out = loop.train(cfg, wd)
+  assert os.listdir(os.path.join(wd, "profile"))            # a trace was written
+  aot = out["aot"]                                         # AOT memory analysis at start-up
+  assert aot["argument_size_gib"] > 0 and aot["temp_size_gib"] >= 0
   other = train_utils.tiny_config(features, steps=6, method="repa")
   with pytest.raises(loop.ConfigMismatchError, match="method"):
     loop.train(other, wd)

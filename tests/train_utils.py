@@ -37,4 +37,5 @@ def tiny_config(features_path, *, method="reglue", steps=6, batch=8, mesh=None):
   c.optim.lr = 1e-3
   c.ema_decay = 0.9
   c.mesh = mesh or {"data": -1, "fsdp": 1}
+  c.transfer_guard = "disallow"   # no implicit host<->device transfer in the hot loop
   return c

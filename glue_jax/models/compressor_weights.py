@@ -112,5 +112,23 @@ def _fill(model, mapping_, filt, where):
 
 
 def load_compressor(path: str) -> compressor_lib.Compressor:
-  """Official ``.pth`` (torch), or ``.safetensors`` / ``.npz`` of the same keys."""
-  return from_state_dict(tw.read_state_dict(path, prefer=("model", "state_dict")), where=path)
+  """Official ``.pth`` (torch) / ``.safetensors`` / ``.npz`` of the official keys,
+  or an ``.npz`` in our layout (``writers.save_module``, e.g. from
+  ``compressor_train``); the channel list is read off the kernel shapes."""
+  sd = tw.read_state_dict(path, prefer=("model", "state_dict"))
+  if "encoder/layers/0/kernel" not in sd:
+    return from_state_dict(sd, where=path)
+  enc = sorted((int(k.split("/")[2]), v.shape) for k, v in sd.items()
+               if re.fullmatch(r"encoder/layers/\d+/kernel", k))
+  dec_in = sd["decoder/layers/0/kernel"].shape[2]
+  channels = [enc[0][1][2]] + [s[3] for _, s in enc]
+  variational = channels[-1] == 2 * dec_in
+  if variational:
+    channels[-1] = dec_in
+  cfg = compressor_lib.CompressorConfig(channels=tuple(channels), variational=variational)
+  model = nnx.eval_shape(lambda: compressor_lib.Compressor(cfg, rngs=nnx.Rngs(0)))
+  flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model))}
+  tw.check_shapes({k: tuple(v.value.shape) for k, v in flat.items()}, sd, where=path)
+  for k, v in flat.items():
+    v.value = jax.numpy.asarray(sd[k], np.float32)
+  return model

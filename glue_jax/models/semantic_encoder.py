@@ -160,3 +160,49 @@ def identity(module: nnx.Module) -> str:
     h.update(np.ascontiguousarray(np.asarray(v.value)).tobytes())
   return h.hexdigest()[:16]
 
+
+
+def _load_dinov2(path: str):
+  from glue_jax.models import dinov2_weights
+  return dinov2_weights.load_dinov2(path)
+
+
+# Vision foundation models by name: ``loader(weights_path) -> module``.  A
+# module qualifies if it has ``cfg.depth``, ``cfg.dim`` and
+# ``intermediate_layers(x, indices, norm) -> (maps (B,gh,gw,D) list, cls)`` on
+# ImageNet-normalised NHWC input (as ``dinov2.Dinov2``).  Other encoders
+# (DINOv3, SigLIP, ...) plug in with :func:`register_encoder`.
+ENCODERS = {"dinov2": _load_dinov2}
+
+
+def register_encoder(name: str, loader) -> None:
+  if name in ENCODERS:
+    raise ValueError(f"semantic encoder {name!r} is already registered")
+  ENCODERS[name] = loader
+
+
+def from_config(cfg) -> SemanticEncoder:
+  """The frozen feature module a config names (``config.features``):
+
+  ``encoder`` (a name in :data:`ENCODERS`, default 'dinov2') with weights at
+  ``dinov2`` (any format ``dinov2_weights.load_dinov2`` reads), ``layers``,
+  ``input_size`` (0: no resize), ``local`` ('compressor' | 'pca' | 'none'),
+  ``stats`` (npz/pth of the stack's mean/std), ``compressor`` (official
+  ``.pth`` or ours), ``pca`` (a ``PCAProjection`` npz).
+  """
+  from glue_jax.models import compressor_weights
+  if not cfg.get("dinov2"):
+    raise ValueError("features.dinov2: path to the encoder weights is required for "
+                     "online features / precompute")
+  name = cfg.get("encoder", "dinov2")
+  if name not in ENCODERS:
+    raise ValueError(f"features.encoder={name!r}; registered: {sorted(ENCODERS)}")
+  vit = ENCODERS[name](cfg.dinov2)
+  spec = SemanticSpec(tuple(cfg.layers), cfg.get("input_size") or None, cfg.local)
+  stats = comp = proj = None
+  if spec.local == "compressor":
+    stats = load_stats(cfg.stats, vit.cfg.dim * len(spec.layers))
+    comp = compressor_weights.load_compressor(cfg.compressor)
+  elif spec.local == "pca":
+    proj = pca_lib.PCAProjection.load(cfg.pca)
+  return SemanticEncoder(vit, spec, stats=stats, compressor=comp, pca=proj)

@@ -32,6 +32,61 @@ class CheckpointError(RuntimeError):
   pass
 
 
+class WorkdirInUseError(RuntimeError):
+  """Another live process holds the workdir's lock."""
+
+
+class WorkdirLock:
+  """An exclusive ``fcntl`` lock on ``<workdir>/.lock.<process index>``.
+
+  Held for the whole run; the OS releases it when the process dies (even by
+  SIGKILL), so a crashed run never blocks its own resumption.  The lock file
+  records pid, host and start time for the error message.  Object-store
+  workdirs (``gs://``) are not locked.
+  """
+
+  def __init__(self, workdir: str, process_index: int = 0):
+    self.path = os.path.join(workdir, f".lock.{process_index}")
+    self._f = None
+
+  def acquire(self) -> "WorkdirLock":
+    import fcntl
+    import socket
+    import time
+    if "://" in self.path:
+      return self
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    f = open(self.path, "a+")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown process"
+      f.close()
+      raise WorkdirInUseError(f"workdir {os.path.dirname(self.path)} is in use by another run "
+                              f"({holder}); stop it or choose another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
+    self._f = f
+    return self
+
+  def release(self) -> None:
+    if self._f is not None:
+      import fcntl
+      fcntl.flock(self._f, fcntl.LOCK_UN)
+      self._f.close()
+      self._f = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
 def _grain_handler():
   import grain
   return grain.checkpoint.CheckpointHandler()
@@ -94,7 +149,11 @@ class Checkpointer:
       args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     if not args:
       raise ValueError("nothing to save")
-    return self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
+    try:
+      return self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
+    except OSError as e:
+      raise CheckpointError(f"writing checkpoint step {step} to {self.directory} failed: "
+                            f"{e}; earlier checkpoints are untouched") from e
 
   # -- restore -------------------------------------------------------------
   def restore(self, step: int | None = None, *, state=None, ema=None, params=None,
@@ -136,12 +195,32 @@ class Checkpointer:
       raise CheckpointError(f"no finished checkpoint in {self.directory}")
     return self.restore(step, config=True)["config"]
 
+  def quarantine(self, step: int, reason: str) -> str:
+    """Moves an unreadable step out of the way (never deletes it):
+    ``<directory>.quarantine/<step>-<unix time>`` plus a ``REASON.txt``."""
+    import time
+    src = os.path.join(self.directory, str(step))
+    dst_root = self.directory.rstrip("/") + ".quarantine"
+    os.makedirs(dst_root, exist_ok=True)
+    dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
+    os.replace(src, dst)
+    with open(os.path.join(dst, "REASON.txt"), "w") as f:
+      f.write(reason)
+    self._mngr.reload()
+    logging.error("checkpoint %s is unreadable; moved to %s: %s", src, dst, reason)
+    return dst
+
   def reached_preemption(self, step: int) -> bool:
     """True when the JAX distributed runtime signals a preemption (all hosts agree)."""
     return self._mngr.reached_preemption(step)
 
   def wait(self):
-    self._mngr.wait_until_finished()
+    try:
+      self._mngr.wait_until_finished()
+    except OSError as e:
+      raise CheckpointError(f"finishing a checkpoint write in {self.directory} failed: "
+                            f"{e}; the step was not committed, earlier checkpoints are "
+                            "untouched") from e
 
   def close(self):
     self._mngr.wait_until_finished()

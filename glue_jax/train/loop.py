@@ -32,6 +32,9 @@ from glue_jax.train import step as step_lib
 from glue_jax.transport import losses
 
 
+_FEATURE_KEYS = ("semantic", "cls", "align_target")
+
+
 class ConfigMismatchError(ValueError):
   """The run's config does not match the checkpoint it would resume from."""
 
@@ -55,6 +58,8 @@ class Run:
   batch_shardings: dict
   source: object
   meta: dict
+  features: tuple | None = None   # online features: (graphdef, arrays) of the frozen encoder
+  batch_spec: dict | None = None  # {key: (global shape, dtype)} of one global batch
 
 
 def _rules(config):
@@ -74,6 +79,17 @@ def build(config) -> Run:
     lc //= 2
   enc_dim = (spec["cls"][0][-1] if "cls" in spec else
              spec["align_target"][0][-1] if "align_target" in spec else 0)
+  features = None
+  if config.get("features") and config.features.get("mode", "precomputed") == "online":
+    if "image" not in spec:
+      raise KeyError(f"features.mode='online' needs images in the data source "
+                     f"{config.data.get('path') or config.data.name}; it has {sorted(spec)}")
+    from glue_jax.models import semantic_encoder
+    sem = semantic_encoder.from_config(config.features)
+    enc_dim = sem.vit.cfg.dim
+    gd_f, arrays_f = nnx.split(sem)
+    features = (gd_f, nnx.to_pure_dict(arrays_f))
+    spec = {k: v for k, v in spec.items() if k not in _FEATURE_KEYS}
   net_over = dict(config.model.get("overrides", {}))
   net_over.update(method.network_overrides(encoder_dim=enc_dim))
   net_over.update(input_size=lh, latent_channels=lc,
@@ -104,8 +120,61 @@ def build(config) -> Run:
           "sampler": presets.SamplerPreset.from_dict(dict(config.sampler)).to_dict(),
           "first_stage": dict(config.first_stage),
           "data": {"name": config.data.name, "num_classes": config.data.num_classes}}
+  meta["features"] = {"mode": "online" if features else "precomputed"}
+  global_spec = {k: ((config.batch_size,) + tuple(shape), dtype) for k, (shape, dtype)
+                 in spec.items()}
   return Run(config, mesh, rules, method, net_cfg, graphdef, tx, step_cfg, ssh, bsh,
-             source, meta)
+             source, meta, features, global_spec)
+
+
+def make_step(run: Run, *, aot: bool = False):
+  """The jitted, sharded, donating train step ``(state, batch, key)`` (online
+  features when configured).
+
+  ``aot``: compiles ahead of time on abstract inputs and logs XLA's memory
+  analysis (arguments, outputs, temporaries: what one device needs) and cost
+  analysis, so an out-of-memory configuration fails at start-up.
+  """
+  rep = parallel.replicated(run.mesh)
+  features_fn = None
+  if run.features is not None:
+    gd_f = run.features[0]
+    features_fn = lambda aux, images: nnx.merge(gd_f, aux)(images)
+  fn = step_lib.make_train_step(run.graphdef, run.tx, run.step_cfg, features_fn)
+  extra_sh, extra = (), ()
+  if run.features is not None:
+    extra_sh, extra = (rep,), (jax.device_put(run.features[1], rep),)
+  jitted = jax.jit(fn, in_shardings=(run.state_shardings, run.batch_shardings, rep) + extra_sh,
+                   out_shardings=(run.state_shardings, rep), donate_argnums=(0,))
+  if aot:
+    jitted = _compile_and_report(run, jitted, extra)
+  return lambda state, batch, key: jitted(state, batch, key, *extra)
+
+
+def _compile_and_report(run: Run, jitted, extra):
+  abstract = lambda tree, sh: jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+  abs_params = nnx.to_pure_dict(nnx.state(models.build("sit", run.net_cfg, abstract=True)))
+  state = abstract(jax.eval_shape(lambda p: step_lib.init_state(p, run.tx), abs_params),
+                   run.state_shardings)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=run.batch_shardings[k])
+           for k, (shape, dtype) in run.batch_spec.items()}
+  t0 = time.time()
+  compiled = jitted.lower(state, batch, jax.random.key(0), *extra).compile()
+  mem = compiled.memory_analysis()
+  report = {"compile_seconds": round(time.time() - t0, 2)}
+  if mem is not None:
+    for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                 "generated_code_size_in_bytes"):
+      if hasattr(mem, name):
+        report[name.replace("_in_bytes", "_gib")] = round(getattr(mem, name) / 2**30, 4)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  if isinstance(cost, dict) and "flops" in cost:
+    report["tflops_per_step_per_device"] = round(float(cost["flops"]) / 1e12, 4)
+  logging.info("train step compiled (AOT, per device): %s", report)
+  run.meta["aot"] = report
+  return compiled
 
 
 def init_params(run: Run, seed: int) -> dict:
@@ -151,10 +220,20 @@ def _make_sampler(run: Run, num: int, seed: int):
 
 
 def train(config, workdir: str) -> dict:
-  """Trains (or resumes) and returns the last logged metrics."""
+  """Trains (or resumes) and returns the last logged metrics.
+
+  The workdir is locked for the run (a second run on it fails with
+  ``WorkdirInUseError``); resumption restores the newest *readable*
+  checkpoint, moving unreadable ones aside (``checkpoints.quarantine/``).
+  """
   parallel.maybe_initialize_distributed(config.get("distributed"))
   run = build(config)
   os.makedirs(workdir, exist_ok=True)
+  with ckpt_lib.WorkdirLock(workdir, jax.process_index()):
+    return _train_locked(run, config, workdir)
+
+
+def _train_locked(run: Run, config, workdir: str) -> dict:
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                              keep=config.keep_checkpoints,
                              keep_every=config.get("keep_every") or None)
@@ -164,29 +243,48 @@ def train(config, workdir: str) -> dict:
                              process_count=jax.process_count(),
                              worker_count=config.data.get("workers", 0))
   data_iter = iter(ds)
-  base_key = jax.random.key(config.seed)
   with jax.set_mesh(run.mesh), sharding.logical_rules(run.rules, run.mesh):
-    latest = ck.latest_step()
-    if latest is not None:
-      check_compatible(ck.read_config(latest), run.meta, ck.directory)
-      abs_params = nnx.to_pure_dict(nnx.state(models.build("sit", run.net_cfg, abstract=True)))
-      shapes = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx), abs_params)
-      abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              shapes, run.state_shardings)
-      r = ck.restore(latest, state=_without_ema(abstract), ema=abstract["ema"],
-                     data_iter=data_iter)
-      state = {**r["state"], "ema": r["ema"]}
-      logging.info("resumed from %s/%d", ck.directory, latest)
-    else:
+    base_key = jax.device_put(jax.random.key(config.seed), parallel.replicated(run.mesh))
+    state = _restore_latest_good(run, ck, data_iter)
+    if state is None:
       params = init_params(run, config.seed)
       state = jax.jit(lambda p: step_lib.init_state(p, run.tx),
                       out_shardings=run.state_shardings)(params)
-    step_fn = jax.jit(step_lib.make_train_step(run.graphdef, run.tx, run.step_cfg),
-                      in_shardings=(run.state_shardings, run.batch_shardings,
-                                    parallel.replicated(run.mesh)),
-                      out_shardings=(run.state_shardings, parallel.replicated(run.mesh)),
-                      donate_argnums=(0,))
+    step_fn = make_step(run, aot=config.get("aot_compile", True))
     return _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key)
+
+
+def _restore_latest_good(run: Run, ck, data_iter):
+  """State of the newest checkpoint that restores, or None without any.
+
+  A config mismatch is an error (never skipped); a step whose files cannot be
+  read (truncated, corrupted, partially deleted) is quarantined with the
+  reason and the next older one is tried.
+  """
+  abs_params = nnx.to_pure_dict(nnx.state(models.build("sit", run.net_cfg, abstract=True)))
+  shapes = jax.eval_shape(lambda p: step_lib.init_state(p, run.tx), abs_params)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, run.state_shardings)
+  for step in sorted(ck.all_steps(), reverse=True):
+    try:
+      saved = ck.read_config(step)
+    except Exception as e:  # noqa: BLE001 - any read failure means "unreadable"
+      ck.quarantine(step, f"config unreadable: {type(e).__name__}: {e}")
+      continue
+    check_compatible(saved, run.meta, f"{ck.directory}/{step}")
+    try:
+      r = ck.restore(step, state=_without_ema(abstract), ema=abstract["ema"],
+                     data_iter=data_iter)
+    except Exception as e:  # noqa: BLE001
+      ck.quarantine(step, f"restore failed: {type(e).__name__}: {e}")
+      continue
+    if int(jax.device_get(r["state"]["step"])) != step:
+      ck.quarantine(step, f"state.step={int(jax.device_get(r['state']['step']))} "
+                          f"in directory {step}")
+      continue
+    logging.info("resumed from %s/%d", ck.directory, step)
+    return {**r["state"], "ema": r["ema"]}
+  return None
 
 
 def _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key):
@@ -205,9 +303,16 @@ def _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key):
   try:
     while step < total:
       with report.timed("data"):
-        batch = parallel.global_batch(next(data_iter), run.batch_shardings)
-      state, metrics = step_fn(state, batch, base_key)
+        local = next(data_iter)
+        if run.features is not None:   # online: stored features (if any) are not read
+          local = {k: v for k, v in local.items() if k not in _FEATURE_KEYS}
+        batch = parallel.global_batch(local, run.batch_shardings)
+      _profile(config, workdir, step)
+      with jax.transfer_guard(config.get("transfer_guard", "allow")):
+        state, metrics = step_fn(state, batch, base_key)
       step += 1
+      if step == config.get("fault_kill_at_step", -1):
+        os.kill(os.getpid(), signal.SIGKILL)     # fault injection (tests): crash mid-run
       if step == config.get("fault_sigterm_at_step", -1):
         os.kill(os.getpid(), signal.SIGTERM)     # fault injection (tests): preemption
       window.append(metrics)
@@ -220,6 +325,8 @@ def _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key):
         _check_finite(state)
         ck.save(step, state=_without_ema(state), ema=state["ema"], config=run.meta,
                 data_iter=data_iter)
+        if step == config.get("fault_kill_during_checkpoint", -1):
+          os.kill(os.getpid(), signal.SIGKILL)   # fault injection (tests): async write in flight
         if step == config.get("fault_kill_after_checkpoint", -1):
           ck.wait()      # fault injection (tests): die hard once this step is committed
           os.kill(os.getpid(), signal.SIGKILL)
@@ -235,7 +342,23 @@ def _loop(run, config, workdir, ck, fs, data_iter, state, step_fn, base_key):
       signal.signal(signal.SIGTERM, old)
   last["steps_per_sec"] = (step - start) / max(time.time() - t0, 1e-9)
   last["step"] = step
+  if "aot" in run.meta:
+    last["aot"] = run.meta["aot"]
   return last
+
+
+def _profile(config, workdir: str, step: int) -> None:
+  """Traces steps ``[start, stop)`` of ``config.profile_steps`` to
+  ``<workdir>/profile`` (TensorBoard / Perfetto), when set."""
+  window = config.get("profile_steps") or ()
+  if len(window) != 2:
+    return
+  start, stop = (int(x) for x in window)
+  if step == start:
+    jax.profiler.start_trace(os.path.join(workdir, "profile"))
+  elif step == stop:
+    jax.profiler.stop_trace()
+    logging.info("profiler trace of steps [%d, %d) written to %s/profile", start, stop, workdir)
 
 
 def _without_ema(state: dict) -> dict:

@@ -75,10 +75,22 @@ def _bucket_means(values: jax.Array, t: jax.Array, n: int):
   return (onehot * values[:, None]).sum(0), onehot.sum(0)
 
 
-def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepConfig):
-  """``step(state, batch, base_key) -> (state, metrics)`` (pure)."""
+def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepConfig,
+                    features_fn=None):
+  """``step(state, batch, base_key, aux=None) -> (state, metrics)`` (pure).
 
-  def step_fn(state, batch, base_key):
+  ``features_fn(aux, images) -> {'semantic', 'cls', 'align_target'}`` computes
+  the semantic features inside the step ("online"): the batch then carries
+  ``image`` (uint8) instead of the precomputed entries, and ``aux`` holds the
+  frozen encoder's arrays (see ``semantic_encoder.SemanticEncoder``).
+  """
+
+  def step_fn(state, batch, base_key, aux=None):
+    if features_fn is not None:
+      batch = dict(batch)
+      images = batch.pop("image")
+      feats = jax.lax.stop_gradient(features_fn(aux, images))
+      batch.update({k: v for k, v in feats.items() if k in cfg.method.required_features()})
     step = state["step"]
     key = jax.random.fold_in(base_key, step)
     k_prep, k_t, k_n, k_ng, k_drop = jax.random.split(key, 5)

@@ -1,0 +1,176 @@
+"""Fault injection on the trainer: crashes, torn/corrupt checkpoints, failing
+writes, bad numbers, a workdir in use.
+
+For each fault the run either resumes and ends with exactly the parameters
+and data order of an uninterrupted run, or stops with a message naming what
+is at fault; earlier checkpoints are never damaged.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from glue_jax.train import checkpoint as ckpt_lib
+from glue_jax.train import loop
+from tests import train_utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+  return train_utils.write_features(str(tmp_path_factory.mktemp("f") / "train.npz"))
+
+
+@pytest.fixture(scope="module")
+def straight(features, tmp_path_factory):
+  """The uninterrupted reference run (checkpoints at 3 and 6)."""
+  wd = str(tmp_path_factory.mktemp("straight"))
+  loop.train(train_utils.tiny_config(features, steps=STEPS), wd)
+  return wd
+
+
+def _worker(features, workdir, overrides, fsize_limit=None):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+  env["PYTHONPATH"] = ROOT
+  cmd = [sys.executable, "-m", "tests.faults.worker", features, workdir,
+         json.dumps({"total_steps": STEPS, **overrides})]
+  if fsize_limit:
+    cmd.append(str(fsize_limit))
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _final(workdir):
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  step = ck.latest_step()
+  r = ck.restore(step, state=ck.abstract_item(step, "state"), ema=ck.abstract_item(step, "ema"))
+  ck.close()
+  return step, {**r["state"], "ema": r["ema"]}
+
+
+def _iter_state(workdir, step):
+  d = os.path.join(workdir, "checkpoints", str(step), "data_iter")
+  return {f: open(os.path.join(d, f)).read() for f in sorted(os.listdir(d))
+          if f.startswith("process_")}
+
+
+def _assert_same_as_straight(straight, workdir):
+  sa, a = _final(straight)
+  sb, b = _final(workdir)
+  assert sa == sb == STEPS
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert _iter_state(straight, STEPS) == _iter_state(workdir, STEPS)
+
+
+def _tree_digest(path):
+  h = hashlib.sha256()
+  for root, _, files in sorted(os.walk(path)):
+    for f in sorted(files):
+      h.update(os.path.relpath(os.path.join(root, f), path).encode())
+      h.update(open(os.path.join(root, f), "rb").read())
+  return h.hexdigest()
+
+
+def test_kill_at_random_step_then_resume(features, straight, tmp_path):
+  k = int(np.random.default_rng(7).integers(4, STEPS))   # between checkpoints 3 and 6
+  wd = str(tmp_path / "run")
+  r = _worker(features, wd, {"fault_kill_at_step": k})
+  assert r.returncode == -9, r.stderr[-2000:]
+  assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).all_steps() == [3]
+  loop.train(train_utils.tiny_config(features, steps=STEPS), wd)
+  _assert_same_as_straight(straight, wd)
+
+
+def test_kill_during_checkpoint_write_then_resume(features, straight, tmp_path):
+  wd = str(tmp_path / "run")
+  r = _worker(features, wd, {"fault_kill_during_checkpoint": STEPS})
+  assert r.returncode == -9, r.stderr[-2000:]
+  good = os.path.join(wd, "checkpoints", "3")
+  digest = _tree_digest(good)
+  steps = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).all_steps()
+  assert 3 in steps and set(steps) <= {3, STEPS}       # step 6 visible only if committed
+  loop.train(train_utils.tiny_config(features, steps=STEPS), wd)
+  _assert_same_as_straight(straight, wd)
+  assert _tree_digest(good) == digest                  # the earlier checkpoint is untouched
+
+
+@pytest.mark.parametrize("damage", ["truncate_state", "delete_ema", "garbage_config"])
+def test_corrupt_latest_checkpoint_falls_back_to_last_good(features, straight, tmp_path,
+                                                           damage):
+  wd = str(tmp_path / "run")
+  loop.train(train_utils.tiny_config(features, steps=STEPS), wd)
+  ck_dir = os.path.join(wd, "checkpoints")
+  digest = _tree_digest(os.path.join(ck_dir, "3"))
+  bad = os.path.join(ck_dir, str(STEPS))
+  if damage == "truncate_state":
+    for root, _, files in os.walk(os.path.join(bad, "state")):
+      for f in files:
+        p = os.path.join(root, f)
+        if os.path.getsize(p) > 64:
+          with open(p, "r+b") as fh:
+            fh.truncate(os.path.getsize(p) // 2)
+  elif damage == "delete_ema":
+    import shutil
+    shutil.rmtree(os.path.join(bad, "ema"))
+  else:
+    with open(os.path.join(bad, "config", "metadata"), "w") as fh:
+      fh.write("{not json")
+  out = loop.train(train_utils.tiny_config(features, steps=STEPS), wd)  # resumes from 3
+  assert out["step"] == STEPS
+  _assert_same_as_straight(straight, wd)
+  assert _tree_digest(os.path.join(ck_dir, "3")) == digest
+  q = os.path.join(wd, "checkpoints.quarantine")
+  moved = os.listdir(q)
+  assert len(moved) == 1 and moved[0].startswith(f"{STEPS}-")
+  assert open(os.path.join(q, moved[0], "REASON.txt")).read()   # the reason is recorded
+
+
+def test_failing_write_stops_clearly_and_keeps_earlier_checkpoints(features, straight,
+                                                                   tmp_path):
+  wd = str(tmp_path / "run")
+  loop.train(train_utils.tiny_config(features, steps=3), wd)
+  digest = _tree_digest(os.path.join(wd, "checkpoints", "3"))
+  r = _worker(features, wd, {}, fsize_limit=16 * 1024)    # every file capped at 16 KiB
+  assert r.returncode not in (0, -9), r.stderr[-3000:]
+  assert "checkpoint step 6" in r.stderr or "checkpoint write" in r.stderr, r.stderr[-3000:]
+  assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).all_steps() == [3]
+  assert _tree_digest(os.path.join(wd, "checkpoints", "3")) == digest
+  loop.train(train_utils.tiny_config(features, steps=STEPS), wd)   # space again: resumes
+  _assert_same_as_straight(straight, wd)
+
+
+def test_inf_in_batch_stops_with_step_named(features, tmp_path):
+  bad = str(tmp_path / "inf.npz")
+  with np.load(features) as f:
+    arrays = {k: f[k].copy() for k in f.files}
+  arrays["cls"][:] = np.inf
+  np.savez(bad, **arrays)
+  wd = str(tmp_path / "run")
+  with pytest.raises(loop.NonFiniteLossError, match="step 0"):
+    loop.train(train_utils.tiny_config(bad, steps=4), wd)
+  assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).latest_step() is None
+
+
+def test_workdir_in_use_is_a_clear_error(features, tmp_path):
+  wd = str(tmp_path / "run")
+  holder = subprocess.Popen([sys.executable, "-c", (
+      "import sys, time; sys.path.insert(0, %r)\n"
+      "from glue_jax.train.checkpoint import WorkdirLock\n"
+      "l = WorkdirLock(%r).acquire(); print('locked', flush=True); time.sleep(600)")
+      % (ROOT, wd)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(ckpt_lib.WorkdirInUseError, match=f"pid {holder.pid}"):
+      loop.train(train_utils.tiny_config(features, steps=3), wd)
+  finally:
+    holder.kill()
+    holder.wait()
+  out = loop.train(train_utils.tiny_config(features, steps=3), wd)   # lock died with it
+  assert out["step"] == 3

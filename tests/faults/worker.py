@@ -1,0 +1,37 @@
+"""Runs the tiny trainer config in a subprocess with fault switches.
+
+  python -m tests.faults.worker FEATURES WORKDIR OVERRIDES_JSON [FILE_SIZE_LIMIT_BYTES]
+
+``OVERRIDES_JSON`` sets config fields (e.g. ``{"total_steps": 6,
+"fault_kill_at_step": 4}``).  ``FILE_SIZE_LIMIT_BYTES`` caps the size of any
+file this process writes (RLIMIT_FSIZE, SIGXFSZ ignored), so writes fail with
+EFBIG as on a full disk.
+"""
+import json
+import os
+import sys
+
+
+def main():
+  features, workdir, overrides = sys.argv[1:4]
+  if len(sys.argv) > 4:
+    import resource
+    import signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limit = int(sys.argv[4])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax
+  jax.config.update("jax_num_cpu_devices", 8)
+  jax.config.update("jax_default_matmul_precision", "highest")
+  jax.config.update("jax_disable_most_optimizations", True)
+  from glue_jax.train import loop
+  from tests import train_utils
+  cfg = train_utils.tiny_config(features)
+  for k, v in json.loads(overrides).items():
+    cfg[k] = v
+  loop.train(cfg, workdir)
+
+
+if __name__ == "__main__":
+  main()
