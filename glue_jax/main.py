@@ -32,6 +32,7 @@ KINDS = {
     "compressor": "glue_jax.compressor_train",  # REGLUE's semantic compressor
     "lainr": "glue_jax.lainr",               # LA-INR reconstruction / NVS / generation
     "scenes": "glue_jax.scenes",             # GLoD's prompt-conditioned scenes model
+    "precompute": "glue_jax.tools.precompute",  # the feature store (also its own CLI)
 }
 
 

@@ -2,7 +2,11 @@
 
 Every process reads a disjoint slice of the examples (``index % count ==
 process``), shuffles it with a seed shared by all processes, repeats it with a
-fresh order per epoch and batches with drop-remainder.  The iterator's
+fresh order per epoch and batches with drop-remainder (optionally dropping
+examples the source returns as None, e.g. skipped corrupt images).  Grain
+reads with threads and, with ``worker_count``, in worker processes
+(``mp_prefetch``); :func:`global_batches` makes global arrays for the mesh.
+The iterator's
 state (``get_state``/``set_state``) holds indices only, so it is cheap to
 checkpoint (the Orbax ``data_iter`` item) and resumes with the same examples.
 """
@@ -37,7 +41,9 @@ class ArraySource(Sequence):
 def make_dataset(source, *, batch_size: int, seed: int, process_index: int = 0,
                  process_count: int = 1, shuffle: bool = True,
                  num_epochs: int | None = None, drop_remainder: bool = True,
-                 worker_count: int = 0, with_index: bool = False):
+                 worker_count: int = 0, with_index: bool = False,
+                 filter_none: bool = False, read_threads: int = 0,
+                 prefetch_buffer_size: int = 0):
   """A checkpointable per-process Grain ``IterDataset`` of batches.
 
   Args:
@@ -45,12 +51,20 @@ def make_dataset(source, *, batch_size: int, seed: int, process_index: int = 0,
     batch_size: per-process batch size.
     seed: shuffle seed (same on every process).
     with_index: adds each example's global index as ``'index'``.
+    filter_none: drops examples the source returns as None (e.g. skipped
+      corrupt images) before batching, so batches stay full.
+    worker_count: Grain worker processes (``mp_prefetch``); 0 reads in this
+      process.
+    read_threads, prefetch_buffer_size: ``grain.ReadOptions`` of each reading
+      process.  0: Grain's 16 threads; a prefetch buffer of 500 examples when
+      filtering, else of as many *batches* as threads (Grain's default of 500
+      elements would hold 500 batches).
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size={batch_size}")
   ds = grain.MapDataset.source(source)
   if with_index:
-    ds = ds.map_with_index(lambda i, ex: {**ex, "index": np.int64(i)})
+    ds = ds.map_with_index(_add_index)
   ds = ds[process_index::process_count]
   if len(ds) < batch_size and drop_remainder:
     raise ValueError(f"{getattr(source, 'name', 'dataset')}: {len(ds)} examples per "
@@ -58,8 +72,38 @@ def make_dataset(source, *, batch_size: int, seed: int, process_index: int = 0,
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-  it = ds.to_iter_dataset()
+  threads = read_threads or grain.ReadOptions().num_threads
+  buffer = prefetch_buffer_size or (grain.ReadOptions().prefetch_buffer_size if filter_none
+                                    else max(threads, 2))
+  options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
+  if filter_none:
+    # MapDataset.batch cannot follow a filter: batch the iterable instead.
+    it = ds.filter(_not_none).to_iter_dataset(options)
+    it = it.batch(batch_size, drop_remainder=drop_remainder)
+  else:
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    it = ds.to_iter_dataset(options)
   if worker_count:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return it
+
+
+def _add_index(i, ex):
+  return None if ex is None else {**ex, "index": np.int64(i)}
+
+
+def _not_none(ex) -> bool:
+  return ex is not None
+
+
+def global_batches(iterator, shardings: dict):
+  """Per-process numpy batches -> global ``jax.Array`` batches on the mesh.
+
+  ``shardings`` maps each key to a ``NamedSharding`` whose batch axis spans
+  all processes (``jax.make_array_from_process_local_data``).  Keep the
+  Grain iterator itself for checkpointing; this only wraps ``next``.
+  """
+  import jax
+  for local in iterator:
+    yield {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+           for k, v in local.items()}

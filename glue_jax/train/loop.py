@@ -241,7 +241,9 @@ def _train_locked(run: Run, config, workdir: str) -> dict:
   ds = pipeline.make_dataset(run.source, batch_size=config.batch_size // jax.process_count(),
                              seed=config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count(),
-                             worker_count=config.data.get("workers", 0))
+                             worker_count=config.data.get("workers", 0),
+                             read_threads=config.data.get("read_threads", 0),
+                             prefetch_buffer_size=config.data.get("prefetch", 0))
   data_iter = iter(ds)
   with jax.set_mesh(run.mesh), sharding.logical_rules(run.rules, run.mesh):
     base_key = jax.device_put(jax.random.key(config.seed), parallel.replicated(run.mesh))

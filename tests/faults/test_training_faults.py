@@ -83,7 +83,9 @@ def test_kill_at_random_step_then_resume(features, straight, tmp_path):
   wd = str(tmp_path / "run")
   r = _worker(features, wd, {"fault_kill_at_step": k})
   assert r.returncode == -9, r.stderr[-2000:]
-  assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).all_steps() == [3]
+  # the async write of step 3 may or may not have committed before the kill;
+  # either way only committed steps are visible
+  assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).all_steps() in ([], [3])
   loop.train(train_utils.tiny_config(features, steps=STEPS), wd)
   _assert_same_as_straight(straight, wd)
 
@@ -93,12 +95,13 @@ def test_kill_during_checkpoint_write_then_resume(features, straight, tmp_path):
   r = _worker(features, wd, {"fault_kill_during_checkpoint": STEPS})
   assert r.returncode == -9, r.stderr[-2000:]
   good = os.path.join(wd, "checkpoints", "3")
-  digest = _tree_digest(good)
   steps = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).all_steps()
-  assert 3 in steps and set(steps) <= {3, STEPS}       # step 6 visible only if committed
+  assert set(steps) <= {3, STEPS}                      # only committed steps are visible
+  digest = _tree_digest(good) if 3 in steps else None
   loop.train(train_utils.tiny_config(features, steps=STEPS), wd)
   _assert_same_as_straight(straight, wd)
-  assert _tree_digest(good) == digest                  # the earlier checkpoint is untouched
+  if digest:
+    assert _tree_digest(good) == digest                # the earlier checkpoint is untouched
 
 
 @pytest.mark.parametrize("damage", ["truncate_state", "delete_ema", "garbage_config"])
