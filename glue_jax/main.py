@@ -33,6 +33,7 @@ KINDS = {
     "lainr": "glue_jax.lainr",               # LA-INR reconstruction / NVS / generation
     "scenes": "glue_jax.scenes",             # GLoD's prompt-conditioned scenes model
     "precompute": "glue_jax.tools.precompute",  # the feature store (also its own CLI)
+    "evaluate": "glue_jax.evaluate",         # sampling + FID/sFID/IS/P/R (also its own CLI)
 }
 
 

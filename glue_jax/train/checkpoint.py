@@ -149,11 +149,13 @@ class Checkpointer:
       args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     if not args:
       raise ValueError("nothing to save")
+    self._writing = step
     try:
       return self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - Orbax/TensorStore report I/O errors as ValueError
       raise CheckpointError(f"writing checkpoint step {step} to {self.directory} failed: "
-                            f"{e}; earlier checkpoints are untouched") from e
+                            f"{type(e).__name__}: {e}; the step was not committed, earlier "
+                            "checkpoints are untouched") from e
 
   # -- restore -------------------------------------------------------------
   def restore(self, step: int | None = None, *, state=None, ema=None, params=None,
@@ -217,10 +219,10 @@ class Checkpointer:
   def wait(self):
     try:
       self._mngr.wait_until_finished()
-    except OSError as e:
-      raise CheckpointError(f"finishing a checkpoint write in {self.directory} failed: "
-                            f"{e}; the step was not committed, earlier checkpoints are "
-                            "untouched") from e
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"writing checkpoint step {getattr(self, '_writing', '?')} to "
+                            f"{self.directory} failed: {type(e).__name__}: {e}; the step was "
+                            "not committed, earlier checkpoints are untouched") from e
 
   def close(self):
     self._mngr.wait_until_finished()

@@ -1,0 +1,153 @@
+r"""Reference statistics of a dataset split, for ``glue_jax.evaluate``.
+
+  python -m glue_jax.tools.reference_stats --source=digits:test --features=digits \
+      --out=refs/digits16_test.npz
+  python -m glue_jax.tools.reference_stats --source=folder:/data/imagenet/val \
+      --image_size=256 --inception_weights=pt_inception.pth --out=refs/in256_val.npz
+  python -m glue_jax.tools.reference_stats --source=npz:ref_batch.npz ...
+
+Sources: ``digits:<split>`` (``glue_jax.data.digits`` at ``--image_size``),
+``npz:<path>[:<key>]`` (uint8 NHWC images, key ``arr_0`` by default) and
+``folder:<dir>`` (every image file below ``dir``, centre-cropped to
+``--image_size`` as ADM/REPA preprocess ImageNet: halve with a box filter
+while the short side is >= 2x the size, bicubic-resize the short side to the
+size, take the centre crop).
+
+The output ``.npz`` has the ADM reference keys ``mu, sigma, mu_s, sigma_s``
+(float64) plus ``pool`` (up to ``--num_pool`` random reference features for
+precision/recall; ADM uses a 10K reference batch), ``feature_net`` and
+``num_images``; ``--include_images`` also stores the images as ``arr_0``
+(then the file is a complete ADM reference batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Iterator
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".JPEG")
+
+
+def center_crop(image, size: int) -> np.ndarray:
+  """ADM's centre crop of a PIL image to ``size`` x ``size`` RGB uint8."""
+  from PIL import Image
+  image = image.convert("RGB")
+  while min(image.size) >= 2 * size:
+    image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+  scale = size / min(image.size)
+  image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+  arr = np.asarray(image)
+  top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+  return arr[top:top + size, left:left + size]
+
+
+def _folder_files(root: str) -> list[str]:
+  files = []
+  for dirpath, _, names in os.walk(root):
+    files += [os.path.join(dirpath, n) for n in names if n.endswith(IMAGE_EXTENSIONS)]
+  if not files:
+    raise FileNotFoundError(f"folder source {root}: no image files ({IMAGE_EXTENSIONS})")
+  return sorted(files)
+
+
+def open_source(spec: str, image_size: int, max_images: int = 0,
+                batch_size: int = 256) -> tuple[int, Iterator[np.ndarray]]:
+  """``(number of images, iterator of uint8 NHWC batches)`` of a source spec."""
+  kind, _, rest = spec.partition(":")
+  if kind == "digits":
+    from glue_jax.data import digits
+    images = digits.load(rest or "test", image_size)["image"]
+    if max_images:
+      images = images[:max_images]
+    return len(images), (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+  if kind == "npz":
+    from glue_jax.eval import sample_store
+    path, _, key = rest.partition(":")
+    key = key or "arr_0"
+    shape, dtype = sample_store.npz_array_info(path, key)
+    if len(shape) != 4 or dtype != np.uint8:
+      raise ValueError(f"{path}:{key} is {dtype} {shape}, want uint8 NHWC images")
+    n = min(shape[0], max_images) if max_images else shape[0]
+    return n, sample_store.iter_npz_batches(path, key, batch_size, limit=n)
+  if kind == "folder":
+    from PIL import Image
+    files = _folder_files(rest)
+    if max_images:
+      files = files[:max_images]
+
+    def gen():
+      for i in range(0, len(files), batch_size):
+        batch = []
+        for f in files[i:i + batch_size]:
+          with Image.open(f) as im:
+            batch.append(center_crop(im, image_size))
+        yield np.stack(batch)
+    return len(files), gen()
+  raise ValueError(f"--source {spec!r}: digits:<split>, npz:<path>[:<key>] or folder:<dir>")
+
+
+def compute(source: str, net, *, image_size: int, out: str, num_pool: int = 10_000,
+            include_images: bool = False, max_images: int = 0, mesh=None,
+            per_device_batch: int = 64, seed: int = 0, progress: bool = True) -> str:
+  """Features of ``source`` -> reference ``.npz`` at ``out``; returns ``out``."""
+  from tqdm import tqdm
+  from glue_jax.eval import features, reference
+  n, batches = open_source(source, image_size, max_images)
+  kept = []
+
+  def tee(it):
+    for b in it:
+      if include_images:
+        kept.append(np.asarray(b))
+      yield b
+  extractor = features.Extractor(net, mesh, per_device_batch)
+  with tqdm(total=n, unit="img", desc="reference features", disable=not progress) as bar:
+    feats = extractor(tee(batches), progress=bar)
+  ref = reference.from_features(feats, tag=net.tag, path=out, num_pool=num_pool, seed=seed)
+  images = np.concatenate(kept) if include_images else None
+  return reference.save(ref, out, images=images, num_images=len(feats["pool"]))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=__doc__)
+  p.add_argument("--source", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--features", default="inception", choices=["inception", "digits"])
+  p.add_argument("--image_size", type=int, default=256,
+                 help="folder/digits image size (digits: 16 for the demo)")
+  p.add_argument("--inception_weights", default="")
+  p.add_argument("--inception_mode", default="adm", choices=["adm", "pytorch_fid"])
+  p.add_argument("--digits_classifier", default="",
+                 help="digits classifier cache file (trained there if absent)")
+  p.add_argument("--num_pool", type=int, default=10_000)
+  p.add_argument("--include_images", action="store_true")
+  p.add_argument("--max_images", type=int, default=0)
+  p.add_argument("--per_device_batch", type=int, default=64)
+  p.add_argument("--seed", type=int, default=0)
+  a = p.parse_args(argv)
+  from glue_jax import evaluate
+  from glue_jax.eval import features
+  if a.features == "inception":
+    net = features.inception(a.inception_weights, mode=a.inception_mode)
+  else:
+    opts = evaluate.EvalOptions(features="digits", digits_classifier=a.digits_classifier)
+    net = evaluate.make_feature_net(opts, a.image_size)
+  try:
+    path = compute(a.source, net, image_size=a.image_size, out=a.out, num_pool=a.num_pool,
+                   include_images=a.include_images, max_images=a.max_images,
+                   per_device_batch=a.per_device_batch, seed=a.seed)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"reference_stats: error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
