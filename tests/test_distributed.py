@@ -1,10 +1,17 @@
-"""A 2-process jax.distributed run on localhost (gloo): trains, checkpoints, resumes."""
+"""Multi-process jax.distributed runs on localhost (gloo).
+
+- 2 processes x 2 CPU devices: train, checkpoint, resume.
+- 4 processes x 2 CPU devices (8 devices, mesh data 2 x fsdp 4, so parameters
+  and the batch are sharded across processes): the per-step loss curve equals
+  that of one process on one device fed the same global batches.
+"""
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests import train_utils
@@ -18,19 +25,20 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(nproc, ndev, features, workdir, steps, timeout=420):
-  port = _free_port()
+def _start(port, nproc, pid, ndev, features, workdir, steps, mode="resume"):
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
   env["PYTHONPATH"] = ROOT
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed_worker", str(port),
-                             str(nproc), str(i), str(ndev), features, workdir, str(steps)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for i in range(nproc)]
-  results, logs = [], []
+  return subprocess.Popen([sys.executable, "-m", "tests.distributed_worker", str(port),
+                           str(nproc), str(pid), str(ndev), features, workdir, str(steps),
+                           mode], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _collect(procs, timeout):
+  results = []
   try:
     for p in procs:
       out, _ = p.communicate(timeout=timeout)
-      logs.append(out)
       assert p.returncode == 0, out[-3000:]
       results += [json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")]
   finally:
@@ -38,6 +46,12 @@ def _launch(nproc, ndev, features, workdir, steps, timeout=420):
       if p.poll() is None:
         p.kill()
   return results
+
+
+def _launch(nproc, ndev, features, workdir, steps, timeout=420):
+  port = _free_port()
+  return _collect([_start(port, nproc, i, ndev, features, workdir, steps)
+                   for i in range(nproc)], timeout)
 
 
 def test_two_processes_train_checkpoint_resume(tmp_path):
@@ -52,3 +66,25 @@ def test_two_processes_train_checkpoint_resume(tmp_path):
   second = _launch(2, 2, features, wd, steps=5)
   assert all(r["step"] == 5 for r in second)
   assert os.path.isdir(os.path.join(wd, "checkpoints", "5"))
+
+
+def test_four_processes_fsdp_reproduce_single_process_loss_curve(tmp_path):
+  features = train_utils.write_features(str(tmp_path / "train.npz"))
+  steps, nproc = 4, 4
+  port = _free_port()
+  procs = [_start(port, nproc, i, 2, features, str(tmp_path / "dist"), steps, "curve")
+           for i in range(nproc)]
+  procs.append(_start(0, 1, 0, 1, features, str(tmp_path / "ref"), steps,
+                      f"curve_ref:{nproc}"))
+  results = _collect(procs, timeout=600)
+  dist = [r for r in results if r["processes"] == nproc]
+  ref = [r for r in results if r["processes"] == 1]
+  assert sorted(r["process"] for r in dist) == [0, 1, 2, 3]
+  assert all(r["devices"] == 8 and r["step"] == steps for r in dist)
+  assert len(ref) == 1 and ref[0]["devices"] == 1
+  want = np.array([ref[0]["losses"][str(s)] for s in range(1, steps + 1)])
+  assert np.all(np.isfinite(want)) and np.ptp(want) > 1e-3    # a curve, not a constant
+  for r in dist:
+    got = np.array([r["losses"][str(s)] for s in range(1, steps + 1)])
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6,
+                               err_msg=f"process {r['process']} of {nproc}")
