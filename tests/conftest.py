@@ -1,16 +1,8 @@
-"""Test-wide JAX settings: CPU only, 8 fake devices, exact float32 matmuls.
+"""Test-wide JAX settings (tests/jax_setup.py): CPU only, 8 fake devices, exact
+float32 matmuls, a compilation cache shared with subprocess workers.
 
 These must run before JAX initialises its backend, hence at import time.
 """
-import os
+from tests import jax_setup
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-
-import jax  # noqa: E402
-
-jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update("jax_default_matmul_precision", "highest")
-# Tests use tiny networks: compile time dominates, so trade run time for it.
-jax.config.update("jax_disable_most_optimizations", True)
+jax_setup.configure(8)

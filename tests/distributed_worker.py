@@ -85,14 +85,12 @@ def record_losses() -> dict:
 def main():
   port, nproc, pid, ndev, features, workdir, steps = sys.argv[1:8]
   mode = sys.argv[8] if len(sys.argv) > 8 else "resume"
-  os.environ["JAX_PLATFORMS"] = "cpu"
+  from tests import jax_setup
+  # as tests/conftest.py (tiny nets, compile time dominates; shared compilation cache)
+  jax_setup.configure(int(ndev), exact=mode != "resume")
   import jax
-  jax.config.update("jax_num_cpu_devices", int(ndev))
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   distributed = not mode.startswith("curve_ref")
-  if mode != "resume":        # as tests/conftest.py: tiny nets, compile time dominates
-    jax.config.update("jax_default_matmul_precision", "highest")
-    jax.config.update("jax_disable_most_optimizations", True)
   if distributed:
     jax.distributed.initialize(f"localhost:{port}", num_processes=int(nproc),
                                process_id=int(pid), initialization_timeout=120)

@@ -8,12 +8,8 @@ import sys
 
 def main():
   features, workdir, steps, kill, data, fsdp = sys.argv[1:7]
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  import jax
-  jax.config.update("jax_num_cpu_devices", 8)
-  # The same XLA settings as tests/conftest.py, so programs compile identically.
-  jax.config.update("jax_default_matmul_precision", "highest")
-  jax.config.update("jax_disable_most_optimizations", True)
+  from tests import jax_setup
+  jax_setup.configure(8)   # the settings of tests/conftest.py: programs compile identically
   from glue_jax.train import loop
   from tests import train_utils
   cfg = train_utils.tiny_config(features, steps=int(steps),

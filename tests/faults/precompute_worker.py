@@ -10,7 +10,8 @@ import sys
 
 def main():
   out = sys.argv[1]
-  os.environ["JAX_PLATFORMS"] = "cpu"
+  from tests import jax_setup
+  jax_setup.configure(1)
   from tests.test_feature_store import _random_module, _records
   import numpy as np
   from flax import nnx

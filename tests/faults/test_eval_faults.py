@@ -23,7 +23,9 @@ def _cmd(ckpt, out):
 
 def _env():
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-  env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2")
+  env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2",
+             JAX_COMPILATION_CACHE_DIR=os.environ["GLUE_JAX_TEST_CACHE"],
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return env
 
 

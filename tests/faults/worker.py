@@ -20,11 +20,8 @@ def main():
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     limit = int(sys.argv[4])
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  import jax
-  jax.config.update("jax_num_cpu_devices", 8)
-  jax.config.update("jax_default_matmul_precision", "highest")
-  jax.config.update("jax_disable_most_optimizations", True)
+  from tests import jax_setup
+  jax_setup.configure(8)   # the settings of tests/conftest.py: programs compile identically
   from glue_jax.train import loop
   from tests import train_utils
   cfg = train_utils.tiny_config(features)
