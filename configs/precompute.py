@@ -22,8 +22,7 @@ import ml_collections
 
 from configs import common
 
-RELEASED_STATS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "glue_jax", "assets", "dinov2_vitb14_reg_blocks8-11_norm_stats.npz")
+RELEASED_STATS = common.RELEASED_STATS
 
 
 def get_config(arg=None):
