@@ -122,18 +122,6 @@ def test_config_mismatch_is_clear_error(features, tmp_path):
     loop.train(other, wd)
 
 
-def test_nan_stops_with_step_named_and_no_bad_checkpoint(features, tmp_path):
-  bad = str(tmp_path / "bad.npz")
-  with np.load(features) as f:
-    arrays = {k: f[k].copy() for k in f.files}
-  arrays["latents"][:] = np.nan
-  np.savez(bad, **arrays)
-  wd = str(tmp_path / "nan")
-  with pytest.raises(loop.NonFiniteLossError, match="step 0"):
-    loop.train(train_utils.tiny_config(bad, steps=4), wd)
-  assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).latest_step() is None
-
-
 def test_loaded_model_from_training_run_samples(features, tmp_path):
   import glue_jax
   wd = str(tmp_path / "run")

@@ -149,11 +149,12 @@ def test_failing_write_stops_clearly_and_keeps_earlier_checkpoints(features, str
   _assert_same_as_straight(straight, wd)
 
 
-def test_inf_in_batch_stops_with_step_named(features, tmp_path):
-  bad = str(tmp_path / "inf.npz")
+@pytest.mark.parametrize("key,value", [("latents", np.nan), ("cls", np.inf)])
+def test_non_finite_batch_stops_with_step_named(features, tmp_path, key, value):
+  bad = str(tmp_path / "bad.npz")
   with np.load(features) as f:
     arrays = {k: f[k].copy() for k in f.files}
-  arrays["cls"][:] = np.inf
+  arrays[key][:] = value
   np.savez(bad, **arrays)
   wd = str(tmp_path / "run")
   with pytest.raises(loop.NonFiniteLossError, match="step 0"):
