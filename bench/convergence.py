@@ -45,6 +45,9 @@ def main():
   args = ap.parse_args()
 
   import jax
+  # Seeds of a method share programs: compile each once (persistent cache).
+  jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   from configs import demo as demo_config
   from glue_jax import api, demo
   from glue_jax.data import digits
