@@ -21,7 +21,6 @@ if _REPO not in sys.path:   # configs/ is importable from the repo root
 
 config_flags.DEFINE_config_file("config", None, "config file[:args]", lock_config=True)
 flags.DEFINE_string("workdir", None, "working directory (checkpoints, logs, samples)")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -56,4 +55,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Required only when this module is the program: other CLIs (glue_jax.evaluate)
+  # share absl's global FLAGS within one process.
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -143,3 +143,18 @@ def test_sigterm_checkpoints_and_exits_then_resumes(features, tmp_path):
   assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).all_steps() == [2]
   out = loop.train(train_utils.tiny_config(features, steps=6), wd)
   assert out["step"] == 6
+
+
+def test_check_compatible_accepts_new_fields_at_default():
+  """A checkpoint written before a SiTConfig field existed still restores when
+  the config leaves that field at its default; a non-default value is an error."""
+  import dataclasses
+  from glue_jax.models import sit
+  net = dataclasses.asdict(sit.SiTConfig(input_size=8, depth=2, hidden_size=32, num_heads=2))
+  old = {k: v for k, v in net.items() if k != "prompt_pooled"}
+  meta = {"network": {"name": "sit", "config": net}, "method": {"name": "sit"}}
+  saved = {"network": {"name": "sit", "config": old}, "method": {"name": "sit"}}
+  loop.check_compatible(saved, meta, "ckpt/3")                 # default: fine
+  meta["network"]["config"] = dict(net, prompt_pooled=True)
+  with pytest.raises(loop.ConfigMismatchError, match="prompt_pooled"):
+    loop.check_compatible(saved, meta, "ckpt/3")

@@ -60,6 +60,9 @@ def batches_from(arrays: dict, batch_size: int, seed: int) -> Iterator[dict]:
   """Endless shuffled minibatches of in-memory arrays (numpy)."""
   import numpy as np
   n = len(next(iter(arrays.values())))
+  if n < batch_size:          # no full batch: the loop below would never yield
+    raise ValueError(f"batches_from: {n} examples (keys {sorted(arrays)}) are fewer than "
+                     f"batch_size={batch_size}")
   rng = np.random.default_rng(seed)
   while True:
     perm = rng.permutation(n)

@@ -187,9 +187,12 @@ def check_compatible(saved: dict, meta: dict, where: str) -> None:
   a, b = saved.get("network", {}), meta["network"]
   if a.get("name") != b["name"]:
     diffs.append(f"network: {a.get('name')} != {b['name']}")
+  defaults = {f.name: f.default for f in dataclasses.fields(sit.SiTConfig)}
   for k, v in b["config"].items():
     if k in ("dtype", "attention_impl", "scan_layers", "remat"):
       continue        # execution details may change between runs
+    if k not in a.get("config", {}) and v == defaults.get(k, object()):
+      continue        # a field newer than the checkpoint, left at its default
     if a.get("config", {}).get(k) != v and not (
         isinstance(v, (list, tuple)) and list(a.get("config", {}).get(k, [])) == list(v)):
       diffs.append(f"network.{k}: checkpoint {a.get('config', {}).get(k)!r} != config {v!r}")
