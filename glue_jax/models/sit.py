@@ -10,7 +10,20 @@ One network serves SiT, REPA, REG, ReDi and REGLUE:
 - an optional REPA projector (3-layer MLP) taps the tokens after block
   ``encoder_depth`` (1-based) and is applied to all tokens;
 - class labels with null class ``num_classes``; label dropout happens inside
-  the network in training mode (an explicit PRNG key is passed).
+  the network in training mode (an explicit PRNG key is passed);
+- or, with ``prompt_length`` L > 0, a *prompt* instead of a class label: L
+  token ids from a vocabulary of ``num_classes`` words (id ``num_classes`` is
+  the null/padding token; the null prompt is all null), or L embedding
+  vectors of width ``prompt_embed_dim`` from any text encoder (then
+  ``num_classes`` must be 0 and an all-zero vector is the null token).  The
+  prompt enters as in-context tokens appended after the image tokens (learned
+  positions) and leaves before the heads and the REPA projector; prompt
+  dropout replaces the whole prompt by the null prompt.  ``y`` keeps its
+  role, so ``jnp.full_like(y, null_label)`` is still the null condition.
+  ``prompt_pooled`` adds a projection of the mean word embedding to the adaLN
+  vector as well (like a pooled text embedding; the null prompt pools to the
+  null word), which speeds up learning of small models.
+  With ``prompt_length=0`` (the default) nothing of this exists.
 
 Initialisation follows the official code exactly (adaLN-Zero, zero heads,
 Xavier-uniform linears, N(0, 0.02) label table and timestep MLP).
@@ -68,6 +81,9 @@ class SiTConfig:
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
   scan_layers: bool = True
   remat: str = "none"                # 'none' | 'full' | 'dots'
+  prompt_length: int = 0             # 0: class labels; L: y is an L-token prompt
+  prompt_embed_dim: int = 0          # 0: token ids; E: y is (B, L, E) vectors
+  prompt_pooled: bool = False        # also add the pooled prompt to the adaLN vector
 
   def __post_init__(self):
     if self.time_convention not in ("data_at_0", "noise_at_0"):
@@ -80,6 +96,14 @@ class SiTConfig:
       raise ValueError(f"encoder_depth={self.encoder_depth} outside 1..{self.depth}")
     if self.input_size % self.patch_size:
       raise ValueError(f"input_size {self.input_size} % patch {self.patch_size}")
+    if self.prompt_length < 0 or self.prompt_embed_dim < 0:
+      raise ValueError(f"prompt_length={self.prompt_length}, "
+                       f"prompt_embed_dim={self.prompt_embed_dim} must be >= 0")
+    if (self.prompt_embed_dim or self.prompt_pooled) and not self.prompt_length:
+      raise ValueError("prompt_embed_dim / prompt_pooled need prompt_length > 0")
+    if self.prompt_embed_dim and self.num_classes:
+      raise ValueError("embedding prompts need num_classes=0 (null label 0 = the "
+                       f"all-zero vector), got num_classes={self.num_classes}")
 
   @property
   def in_channels(self) -> int:
@@ -91,7 +115,13 @@ class SiTConfig:
 
   @property
   def num_tokens(self) -> int:
+    """Image (+ global) tokens: what the heads and the projector see."""
     return self.grid_size ** 2 + (1 if self.global_token_dim else 0)
+
+  @property
+  def null_label(self) -> int:
+    """The null class / null prompt token (0 for embedding prompts)."""
+    return self.num_classes
 
 
 def config_for(model: str, **overrides: Any) -> SiTConfig:
@@ -150,9 +180,13 @@ class SiT(nnx.Module):
     self.patch_embed = layers.Dense(p * p * cfg.in_channels, d, rngs=rngs,
                                     axes=(None, "embed"))
     self.t_embed = layers.TimestepEmbedder(d, rngs=rngs)
-    n_rows = cfg.num_classes + (1 if cfg.class_dropout_prob > 0 else 0)
-    self.y_embed = layers.param(rngs, layers.normal(0.02), (n_rows, d),
-                                ("vocab", "embed"))
+    if cfg.prompt_length:
+      self.y_embed = None
+      self._init_prompt(cfg, rngs)
+    else:
+      n_rows = cfg.num_classes + (1 if cfg.class_dropout_prob > 0 else 0)
+      self.y_embed = layers.param(rngs, layers.normal(0.02), (n_rows, d),
+                                  ("vocab", "embed"))
     if cfg.global_token_dim:
       self.global_in = layers.Dense(cfg.global_token_dim, d, rngs=rngs,
                                     axes=(None, "embed"))
@@ -174,7 +208,55 @@ class SiT(nnx.Module):
                                      axes=("embed", None),
                                      kernel_init=layers.zeros)
 
+  def _init_prompt(self, cfg: SiTConfig, rngs: nnx.Rngs):
+    """Prompt parameters (only built when ``prompt_length > 0``)."""
+    d = cfg.hidden_size
+    if cfg.prompt_embed_dim:
+      self.prompt_in = layers.Dense(cfg.prompt_embed_dim, d, rngs=rngs,
+                                    axes=(None, "embed"))
+      self.prompt_null = layers.param(rngs, layers.normal(0.02), (d,), ("embed",))
+    else:
+      self.prompt_table = layers.param(rngs, layers.normal(0.02),
+                                       (cfg.num_classes + 1, d), ("vocab", "embed"))
+    self.prompt_pos = layers.param(rngs, layers.normal(0.02),
+                                   (cfg.prompt_length, d), (None, "embed"))
+    self.prompt_pool = (layers.Dense(d, d, rngs=rngs, axes=("embed", "mlp"))
+                        if cfg.prompt_pooled else None)
+
   # -- helpers -------------------------------------------------------------
+  def check_prompt(self, y: jax.Array) -> None:
+    cfg = self.cfg
+    want = (cfg.prompt_length,) + ((cfg.prompt_embed_dim,) if cfg.prompt_embed_dim else ())
+    if y.ndim != 1 + len(want) or tuple(y.shape[1:]) != want:
+      raise ValueError(f"y has shape {y.shape}; the prompt-conditioned network "
+                       f"expects (B, {', '.join(map(str, want))})")
+
+  def _prompt_words(self, y: jax.Array, dtype):
+    """Token embeddings without positions (B, L, hidden) and the null mask (B, L)."""
+    cfg = self.cfg
+    if cfg.prompt_embed_dim:
+      y = y.astype(dtype)
+      null = jnp.all(y == 0, axis=-1)
+      e = jnp.where(null[..., None], self.prompt_null[...].astype(dtype), self.prompt_in(y))
+    else:
+      null = y == cfg.num_classes
+      e = self.prompt_table[...][y].astype(dtype)
+    return e, null
+
+  def embed_prompt(self, y: jax.Array, dtype) -> jax.Array:
+    """(B, L[, E]) prompt -> (B, L, hidden) in-context tokens."""
+    e, _ = self._prompt_words(y, dtype)
+    return e + self.prompt_pos[...].astype(dtype)[None]
+
+  def pooled_prompt(self, y: jax.Array, dtype) -> jax.Array:
+    """(B, hidden) adaLN term: a projection of the mean non-null word embedding
+    (the null word's embedding for the null prompt)."""
+    e, null = self._prompt_words(y, dtype)
+    keep = (~null).astype(dtype)[..., None]
+    count = keep.sum(1)
+    mean = jnp.where(count > 0, (e * keep).sum(1) / jnp.maximum(count, 1), e[:, 0])
+    return self.prompt_pool(mean)
+
   def pos_embed(self) -> jax.Array:
     cfg = self.cfg
     return jnp.asarray(layers.sincos_2d(cfg.hidden_size, cfg.grid_size,
@@ -205,10 +287,12 @@ class SiT(nnx.Module):
     Args:
       x: (B, H, W, latent+semantic channels) noisy spatial state.
       t: (B,) or scalar time in [0, 1]; t=0 data, t=1 noise.
-      y: (B,) int labels; ``num_classes`` is the null label.
+      y: (B,) int labels; ``num_classes`` is the null label.  With prompt
+        conditioning: (B, L) int token ids (null id ``num_classes``) or
+        (B, L, E) float embeddings (null token = zero vector).
       global_token: (B, global_token_dim) noisy global token, or None when
         the network has none.
-      train: enables label dropout (needs ``key``).
+      train: enables label/prompt dropout (needs ``key``).
       key: PRNG key for label dropout.
     Returns:
       ``(v_spatial (B,H,W,C), v_global (B,G) or None, projections (B,T,Z) or
@@ -226,27 +310,37 @@ class SiT(nnx.Module):
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
     if cfg.time_convention == "noise_at_0":
       t = 1.0 - t
+    if cfg.prompt_length:
+      self.check_prompt(y)
     if train and cfg.class_dropout_prob > 0:
       if key is None:
         raise ValueError("train=True with label dropout needs a PRNG key")
       drop = jax.random.uniform(key, (b,)) < cfg.class_dropout_prob
-      y = jnp.where(drop, cfg.num_classes, y)
+      y = jnp.where(drop.reshape((b,) + (1,) * (y.ndim - 1)), cfg.num_classes, y)
 
     h = self.patch_embed(layers.patchify(x.astype(dtype), cfg.patch_size))
     if cfg.global_token_dim:
       g = self.global_norm(self.global_in(global_token.astype(dtype)))
       h = jnp.concatenate([g[:, None], h], axis=1)
     h = h + self.pos_embed().astype(dtype)[None]
+    if cfg.prompt_length:
+      h = jnp.concatenate([h, self.embed_prompt(y, dtype)], axis=1)
     h = sharding.constrain(h, ("batch", "seq", "embed"))
-    c = self.t_embed(t, dtype) + self.y_embed[...][y].astype(dtype)
+    c = self.t_embed(t, dtype)
+    if not cfg.prompt_length:
+      c = c + self.y_embed[...][y].astype(dtype)
+    elif cfg.prompt_pooled:
+      c = c + self.pooled_prompt(y, dtype)
 
     projections = None
     if self.projector is not None:
       h = self._run_blocks(h, c, 0, cfg.encoder_depth)
-      projections = self.projector(h).astype(jnp.float32)
+      projections = self.projector(h[:, :cfg.num_tokens]).astype(jnp.float32)
       h = self._run_blocks(h, c, cfg.encoder_depth, cfg.depth)
     else:
       h = self._run_blocks(h, c, 0, cfg.depth)
+    if cfg.prompt_length:
+      h = h[:, :cfg.num_tokens]          # the prompt tokens leave here
 
     shift, scale = jnp.split(self.final_adaln(jax.nn.silu(c)), 2, axis=-1)
     h = layers.modulate(layers.layer_norm(h, 1e-6), shift, scale)
@@ -262,6 +356,63 @@ class SiT(nnx.Module):
       v = -v
       v_global = None if v_global is None else -v_global
     return v, v_global, projections
+
+  def _prompt_sequence(self, x, t, y, global_token, dtype):
+    """The forward pass's input sequence and adaLN vector (prompt networks)."""
+    cfg = self.cfg
+    h = self.patch_embed(layers.patchify(x.astype(dtype), cfg.patch_size))
+    if cfg.global_token_dim:
+      g = self.global_norm(self.global_in(global_token.astype(dtype)))
+      h = jnp.concatenate([g[:, None], h], axis=1)
+    h = h + self.pos_embed().astype(dtype)[None]
+    h = jnp.concatenate([h, self.embed_prompt(y, dtype)], axis=1)
+    c = self.t_embed(t, dtype)
+    if cfg.prompt_pooled:
+      c = c + self.pooled_prompt(y, dtype)
+    return h, c
+
+  def prompt_attention(self, x: jax.Array, t: jax.Array, y: jax.Array,
+                       global_token: jax.Array | None = None, *,
+                       blocks: tuple[int, ...] | None = None) -> jax.Array:
+    """Attention of the image tokens on the prompt tokens (for layout guidance).
+
+    Softmax attention probabilities (over the whole sequence, as in the
+    forward pass) of each image-patch query on each prompt key, averaged over
+    heads and over ``blocks`` (0-based; default the middle block).
+
+    Returns:
+      (B, grid*grid, L) float32.
+    """
+    cfg = self.cfg
+    if not cfg.prompt_length:
+      raise ValueError("prompt_attention needs a prompt-conditioned network")
+    self.check_prompt(y)
+    blocks = (cfg.depth // 2,) if blocks is None else tuple(blocks)
+    if not blocks or not all(0 <= i < cfg.depth for i in blocks):
+      raise ValueError(f"blocks={blocks} outside 0..{cfg.depth - 1}")
+    dtype = _DTYPES[cfg.dtype]
+    b = x.shape[0]
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    if cfg.time_convention == "noise_at_0":
+      t = 1.0 - t
+    h, c = self._prompt_sequence(x, t, y, global_token, dtype)
+    graphdef, state = nnx.split(self.blocks)
+    n_global = 1 if cfg.global_token_dim else 0
+    maps, done = [], 0
+    for i in sorted(blocks):
+      if i > done:
+        h = self._run_blocks(h, c, done, i)
+        done = i
+      blk = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+      shift1, scale1 = jnp.split(blk.adaln(jax.nn.silu(c)), 6, axis=-1)[:2]
+      hn = layers.modulate(layers.layer_norm(h, 1e-6), shift1, scale1)
+      n, d, heads = h.shape[1], h.shape[2], cfg.num_heads
+      qkv = blk.attn.qkv(hn).reshape(b, n, 3, heads, d // heads)
+      q, k = qkv[:, :, 0].astype(jnp.float32), qkv[:, :, 1].astype(jnp.float32)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(float(d // heads))
+      probs = jax.nn.softmax(logits, axis=-1).mean(axis=1)
+      maps.append(probs[:, n_global:cfg.num_tokens, cfg.num_tokens:])
+    return jnp.mean(jnp.stack(maps), axis=0)
 
 
 def count_params(module: nnx.Module, exclude: str | None = None) -> int:
