@@ -1,0 +1,1 @@
+"""Differentiable rendering helpers (camera rays, volume rendering) for the INR models."""
