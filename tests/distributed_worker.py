@@ -1,12 +1,11 @@
 """One process of the localhost multi-process tests (run by test_distributed.py).
 
-  python -m tests.distributed_worker PORT NUM_PROCESSES PROCESS_ID DEVICES FEATURES WORKDIR STEPS [MODE]
+  python -m tests.distributed_worker PORT NUM_PROCESSES PROCESS_ID DEVICES FEATURES WORKDIR STEPS MODE
 
 MODE
-- ``resume`` (default): ``loop.train`` on mesh data x fsdp=2 with checkpoints
-  every 3 steps (the train / checkpoint / resume test).
-- ``curve``: ``loop.train`` on mesh data x fsdp=4, the loss logged at every
-  step and printed as ``RESULT {... "losses": {step: loss}}``.
+- ``curve``: ``loop.train`` on mesh data x fsdp=4 (resuming from WORKDIR's
+  checkpoints, written at the last step), the loss logged at every step and
+  printed as ``RESULT {... "losses": {step: loss}}``.
 - ``curve_ref:N``: the single-process reference of ``curve`` run on N
   processes: no ``jax.distributed``, one device, no sharding, and the data
   pipeline replaced by the concatenation (in process order) of the N
@@ -84,10 +83,12 @@ def record_losses() -> dict:
 
 def main():
   port, nproc, pid, ndev, features, workdir, steps = sys.argv[1:8]
-  mode = sys.argv[8] if len(sys.argv) > 8 else "resume"
+  mode = sys.argv[8]
+  if mode != "curve" and not mode.startswith("curve_ref:"):
+    raise SystemExit(f"MODE {mode!r}: 'curve' or 'curve_ref:N'")
   from tests import jax_setup
   # as tests/conftest.py (tiny nets, compile time dominates; shared compilation cache)
-  jax_setup.configure(int(ndev), exact=mode != "resume")
+  jax_setup.configure(int(ndev), exact=True)
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   distributed = not mode.startswith("curve_ref")
@@ -96,24 +97,19 @@ def main():
                                process_id=int(pid), initialization_timeout=120)
   from glue_jax.train import loop
   from tests import train_utils
-  losses = None
-  if mode == "resume":
-    cfg = train_utils.tiny_config(features, steps=int(steps), mesh={"data": -1, "fsdp": 2})
+  losses = record_losses()
+  if distributed:
+    mesh = {"data": -1, "fsdp": 4}
   else:
-    losses = record_losses()
-    if distributed:
-      mesh = {"data": -1, "fsdp": 4}
-    else:
-      emulate_processes(int(mode.partition(":")[2]))
-      mesh = {"data": -1, "fsdp": 1}
-    cfg = train_utils.tiny_config(features, steps=int(steps), mesh=mesh)
-    cfg.log_every, cfg.ckpt_every = 1, 1000
+    emulate_processes(int(mode.partition(":")[2]))
+    mesh = {"data": -1, "fsdp": 1}
+  cfg = train_utils.tiny_config(features, steps=int(steps), mesh=mesh)
+  cfg.log_every, cfg.ckpt_every = 1, 1000
   out = loop.train(cfg, workdir)
   result = {"process": jax.process_index(), "processes": jax.process_count(),
             "devices": jax.device_count(), "step": out["step"], "loss": out.get("loss"),
             "cpu_s": sum(resource.getrusage(resource.RUSAGE_SELF)[:2])}
-  if losses is not None:
-    result["losses"] = losses
+  result["losses"] = losses
   print("RESULT " + json.dumps(result), flush=True)
   if distributed:
     jax.distributed.shutdown()

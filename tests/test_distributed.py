@@ -1,9 +1,9 @@
 """Multi-process jax.distributed runs on localhost (gloo).
 
-- 2 processes x 2 CPU devices: train, checkpoint, resume.
-- 4 processes x 2 CPU devices (8 devices, mesh data 2 x fsdp 4, so parameters
-  and the batch are sharded across processes): the per-step loss curve equals
-  that of one process on one device fed the same global batches.
+4 processes x 2 CPU devices (8 devices, mesh data 2 x fsdp 4, so parameters and
+the batch are sharded across processes) train, checkpoint and resume; the
+per-step loss curve of both launches equals that of one process on one device
+fed the same global batches.
 """
 import json
 import os
@@ -48,43 +48,38 @@ def _collect(procs, timeout):
   return results
 
 
-def _launch(nproc, ndev, features, workdir, steps, timeout=420):
-  port = _free_port()
-  return _collect([_start(port, nproc, i, ndev, features, workdir, steps)
-                   for i in range(nproc)], timeout)
-
-
-def test_two_processes_train_checkpoint_resume(tmp_path):
+def test_four_processes_fsdp_resume_reproduces_single_process_loss_curve(tmp_path):
+  """4 processes x 2 devices train 2 steps and checkpoint (each process saves its
+  own Grain iterator state), then a second launch resumes to step 4; the losses of
+  both launches equal the single-process, single-device curve on the same global
+  batches."""
   features = train_utils.write_features(str(tmp_path / "train.npz"))
-  wd = str(tmp_path / "run")
-  first = _launch(2, 2, features, wd, steps=3)
-  assert sorted(r["process"] for r in first) == [0, 1]
-  assert all(r["devices"] == 4 and r["step"] == 3 for r in first)
-  assert os.path.isdir(os.path.join(wd, "checkpoints", "3"))
-  iter_state = os.listdir(os.path.join(wd, "checkpoints", "3", "data_iter"))
-  assert any("process_1-of-2" in f for f in iter_state), iter_state
-  second = _launch(2, 2, features, wd, steps=5)
-  assert all(r["step"] == 5 for r in second)
-  assert os.path.isdir(os.path.join(wd, "checkpoints", "5"))
-
-
-def test_four_processes_fsdp_reproduce_single_process_loss_curve(tmp_path):
-  features = train_utils.write_features(str(tmp_path / "train.npz"))
-  steps, nproc = 4, 4
+  steps, half, nproc = 4, 2, 4
+  wd = str(tmp_path / "dist")
   port = _free_port()
-  procs = [_start(port, nproc, i, 2, features, str(tmp_path / "dist"), steps, "curve")
-           for i in range(nproc)]
+  procs = [_start(port, nproc, i, 2, features, wd, half, "curve") for i in range(nproc)]
   procs.append(_start(0, 1, 0, 1, features, str(tmp_path / "ref"), steps,
                       f"curve_ref:{nproc}"))
   results = _collect(procs, timeout=600)
-  dist = [r for r in results if r["processes"] == nproc]
+  first = [r for r in results if r["processes"] == nproc]
   ref = [r for r in results if r["processes"] == 1]
-  assert sorted(r["process"] for r in dist) == [0, 1, 2, 3]
-  assert all(r["devices"] == 8 and r["step"] == steps for r in dist)
+  assert sorted(r["process"] for r in first) == [0, 1, 2, 3]
+  assert all(r["devices"] == 8 and r["step"] == half for r in first)
+  iter_state = os.listdir(os.path.join(wd, "checkpoints", str(half), "data_iter"))
+  for i in range(nproc):
+    assert any(f"process_{i}-of-{nproc}" in f for f in iter_state), iter_state
+  port = _free_port()
+  second = _collect([_start(port, nproc, i, 2, features, wd, steps, "curve")
+                     for i in range(nproc)], timeout=600)
+  assert sorted(r["process"] for r in second) == [0, 1, 2, 3]
+  assert all(r["step"] == steps for r in second)
+  assert os.path.isdir(os.path.join(wd, "checkpoints", str(steps)))
   assert len(ref) == 1 and ref[0]["devices"] == 1
   want = np.array([ref[0]["losses"][str(s)] for s in range(1, steps + 1)])
   assert np.all(np.isfinite(want)) and np.ptp(want) > 1e-3    # a curve, not a constant
-  for r in dist:
-    got = np.array([r["losses"][str(s)] for s in range(1, steps + 1)])
+  for a, b in zip(sorted(first, key=lambda r: r["process"]),
+                  sorted(second, key=lambda r: r["process"])):
+    assert set(a["losses"]) == {"1", "2"} and set(b["losses"]) == {"3", "4"}, (a, b)
+    got = np.array([{**a["losses"], **b["losses"]}[str(s)] for s in range(1, steps + 1)])
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6,
-                               err_msg=f"process {r['process']} of {nproc}")
+                               err_msg=f"process {a['process']} of {nproc}")
