@@ -38,6 +38,11 @@ KINDS = {
 
 def run(config, workdir: str) -> dict:
   import importlib
+  if "://" in workdir:
+    # os.makedirs would silently create a local directory named 'gs:'.
+    raise ValueError(f"--workdir={workdir}: URLs are not supported; give a file path "
+                     "(local disk, NFS, or a gcsfuse mount such as /mnt/gcs/run; "
+                     "launch/README.md 'Known limits')")
   kind = config.get("kind", "diffusion")
   if kind not in KINDS:
     raise ValueError(f"config.kind={kind!r}; one of {sorted(KINDS)}")

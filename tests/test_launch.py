@@ -194,3 +194,14 @@ def test_tpu_setup_installs_requirements_with_jax_tpu_and_mounts_the_bucket():
   assert mount[-2:] == ["glue-bucket", "/gcs/glue-bucket"]
   scp = next(c for c in commands(r.stdout) if c[3:5] == ["tpu-vm", "scp"])
   assert "--worker=all" in scp
+
+
+def test_url_workdir_is_a_clear_error(tmp_path, monkeypatch):
+  """gs:// workdirs are not supported (launch/README.md): an error, not a local 'gs:' dir."""
+  import ml_collections
+  import pytest
+  from glue_jax import main as main_lib
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match="URLs are not supported"):
+    main_lib.run(ml_collections.ConfigDict({"kind": "diffusion"}), "gs://bucket/run")
+  assert not os.path.exists(tmp_path / "gs:")
