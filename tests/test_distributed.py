@@ -1,9 +1,9 @@
 """Multi-process jax.distributed runs on localhost (gloo).
 
-4 processes x 2 CPU devices (8 devices, mesh data 2 x fsdp 4, so parameters and
-the batch are sharded across processes) train, checkpoint and resume; the
-per-step loss curve of both launches equals that of one process on one device
-fed the same global batches.
+2 and 4 processes x 2 CPU devices (mesh data x fsdp 4, so parameters and the
+batch are sharded across processes) train, checkpoint and resume; the per-step
+loss curve of both launches equals that of one process on one device fed the
+same global batches.
 """
 import json
 import os
@@ -48,13 +48,14 @@ def _collect(procs, timeout):
   return results
 
 
-def test_four_processes_fsdp_resume_reproduces_single_process_loss_curve(tmp_path):
-  """4 processes x 2 devices train 2 steps and checkpoint (each process saves its
-  own Grain iterator state), then a second launch resumes to step 4; the losses of
-  both launches equal the single-process, single-device curve on the same global
-  batches."""
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_processes_fsdp_checkpoint_resume_reproduce_single_process_loss_curve(nproc, tmp_path):
+  """N processes x 2 devices (fsdp 4) train 2 steps and checkpoint (each process
+  saves its own Grain iterator state), then a second launch resumes to step 4;
+  the losses of both launches equal the single-process, single-device curve on
+  the same global batches."""
   features = train_utils.write_features(str(tmp_path / "train.npz"))
-  steps, half, nproc = 4, 2, 4
+  steps, half = 4, 2
   wd = str(tmp_path / "dist")
   port = _free_port()
   procs = [_start(port, nproc, i, 2, features, wd, half, "curve") for i in range(nproc)]
@@ -63,15 +64,15 @@ def test_four_processes_fsdp_resume_reproduces_single_process_loss_curve(tmp_pat
   results = _collect(procs, timeout=600)
   first = [r for r in results if r["processes"] == nproc]
   ref = [r for r in results if r["processes"] == 1]
-  assert sorted(r["process"] for r in first) == [0, 1, 2, 3]
-  assert all(r["devices"] == 8 and r["step"] == half for r in first)
+  assert sorted(r["process"] for r in first) == list(range(nproc))
+  assert all(r["devices"] == 2 * nproc and r["step"] == half for r in first)
   iter_state = os.listdir(os.path.join(wd, "checkpoints", str(half), "data_iter"))
   for i in range(nproc):
     assert any(f"process_{i}-of-{nproc}" in f for f in iter_state), iter_state
   port = _free_port()
   second = _collect([_start(port, nproc, i, 2, features, wd, steps, "curve")
                      for i in range(nproc)], timeout=600)
-  assert sorted(r["process"] for r in second) == [0, 1, 2, 3]
+  assert sorted(r["process"] for r in second) == list(range(nproc))
   assert all(r["step"] == steps for r in second)
   assert os.path.isdir(os.path.join(wd, "checkpoints", str(steps)))
   assert len(ref) == 1 and ref[0]["devices"] == 1
