@@ -46,8 +46,9 @@ def get_config(arg=None):
   # Measured (bench/results/composition*.json): batch 32 x 2400 steps and batch
   # 128 x 3000 steps both leave per-pixel noise and no recognisable objects
   # (local alignment 0.09 / 0.16, below the probes' chance level); the larger
-  # batch is the better of the two.  A wider network (hidden >= 27*4 outputs
-  # per token) is the next thing to try.
+  # batch is the better of the two.  Cause (SiT now warns about it): hidden 96 <
+  # 2*2*27 = 108 outputs per token, so 12 noise directions per token are never
+  # removed by the sampler; the next run needs hidden_size >= 108.
   t.batch_size = a.batch or (32 if a.fast else 128)
   t.total_steps = a.steps or (20 if a.fast else 3000)
   t.optim.lr = 1e-3

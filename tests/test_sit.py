@@ -162,3 +162,30 @@ def test_bfloat16_compute_close_to_float32():
     assert a.dtype == jnp.float32                      # outputs and params stay fp32
     rel = float(jnp.abs(a - b).max() / jnp.abs(b).max())
     assert rel < 5e-2, rel
+
+
+def test_narrow_hidden_size_warns_and_outputs_span_only_hidden_dims(caplog):
+  """hidden_size < patch^2 x channels: a warning, and indeed every token's
+  velocity lies in a hidden_size-dim affine subspace (so that part of the noise
+  can never be removed by a sampler)."""
+  import logging
+  with caplog.at_level(logging.WARNING):
+    models.init("sit", _tiny())                               # 32 >= 4 * 6: silent
+  assert "cannot be denoised" not in caplog.text
+  cfg = _tiny(hidden_size=8, num_heads=2, projector_dim=8)    # 8 < 4 * 6 = 24
+  with caplog.at_level(logging.WARNING):
+    graphdef, state = models.init("sit", cfg)
+  assert "16 output directions per token cannot be denoised" in caplog.text
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  state = jax.tree.unflatten(treedef, [a + 0.3 * jax.random.normal(k, a.shape, a.dtype)
+                                       if jnp.issubdtype(a.dtype, jnp.floating) else a
+                                       for a, k in zip(leaves, keys)])   # non-zero heads
+  x, t, y, g = _inputs(cfg)
+  v = Jitted(graphdef, state)(x, t, y, g)[0]
+  p = cfg.patch_size
+  tokens = v.reshape(3, 4, p, 4, p, cfg.in_channels).transpose(0, 1, 3, 2, 4, 5)
+  tokens = np.asarray(tokens.reshape(-1, p * p * cfg.in_channels), np.float64)
+  assert tokens.shape[0] > 2 * cfg.hidden_size
+  s = np.linalg.svd(tokens - tokens.mean(0), compute_uv=False)
+  assert s[cfg.hidden_size] < 1e-5 * s[0] and s[cfg.hidden_size - 1] > 1e-3 * s[0]
