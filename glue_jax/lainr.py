@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from glue_jax.models import lainr as lainr_lib
 from glue_jax.train import checkpoint as ckpt_lib
+from glue_jax.train import fit as fit_lib
 from glue_jax.train import writers
 
 
@@ -110,16 +111,7 @@ def make_recon_step(graphdef, tx, *, pixel_fraction: float = 1.0, jitter: bool =
     pred = model.decode(model.encode(2 * x - 1, key=k_drop), coords)
     per = jnp.mean(jnp.square(pred - target), axis=(1, 2))
     return per.mean(), per
-
-  def step(state, images, base_key):
-    key = jax.random.fold_in(base_key, state["step"])
-    (loss, per), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], images, key)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "psnr": jnp.mean(-10.0 * jnp.log10(per)),
-               "grad_norm": optax.global_norm(grads)}
-    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-  return step
+  return fit_lib.mse_step(loss_fn, tx)
 
 
 @functools.lru_cache(maxsize=8)

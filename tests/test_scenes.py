@@ -12,6 +12,17 @@ from glue_jax.data import scenes
 from glue_jax.eval import probes as probes_lib
 
 
+def tiny_scenes_config():
+  """configs/scenes.py:fast on the `built` data (12 + 4 scenes), a 1-block SiT, 2 steps."""
+  c = scenes_config.get_config("fast")
+  with c.unlocked():
+    c.data.num_train, c.data.num_test, c.data.seed = 12, 4, 3
+    c.train.model.overrides = {**dict(c.train.model.overrides), "depth": 1,
+                               "hidden_size": 32, "num_heads": 2}
+    c.train.batch_size, c.train.total_steps, c.train.log_every = 8, 2, 1
+  return c
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
@@ -72,12 +83,7 @@ def test_prompt_sit_trains_through_the_common_trainer(built, tmp_path):
   """Scenes npz (latents + prompt labels) -> loop.train with a prompt-conditioned SiT."""
   from glue_jax import api
   data_dir, cfg = built
-  c = scenes_config.get_config("fast")
-  with c.unlocked():
-    c.data.num_train, c.data.num_test, c.data.seed = 12, 4, 3
-    c.train.model.overrides = {**dict(c.train.model.overrides), "depth": 1,
-                               "hidden_size": 32, "num_heads": 2}
-    c.train.batch_size, c.train.total_steps, c.train.log_every = 8, 2, 1
+  c = tiny_scenes_config()
   wd = str(tmp_path)
   os.symlink(data_dir, os.path.join(wd, "tfds"))
   train, test = scenes_run.dataset(c, wd)
@@ -164,12 +170,8 @@ def test_scenes_kind_end_to_end_and_evaluation_cli(built, tmp_path, capsys):
   import json
   from glue_jax import main as main_lib
   data_dir, _ = built
-  c = scenes_config.get_config("fast")
+  c = tiny_scenes_config()
   with c.unlocked():
-    c.data.num_train, c.data.num_test, c.data.seed = 12, 4, 3
-    c.train.model.overrides = {**dict(c.train.model.overrides), "depth": 1,
-                               "hidden_size": 32, "num_heads": 2}
-    c.train.batch_size, c.train.total_steps, c.train.log_every = 8, 2, 1
     c.probes.steps, c.probes.batch_size = 3, 8
     c.eval.num_scenes, c.eval.num_steps, c.eval.methods = 3, 2, ("single", "glod_B")
     c.eval.layout_scale = 0.5

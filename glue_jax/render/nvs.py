@@ -24,11 +24,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from glue_jax.models import lainr as lainr_lib
 from glue_jax.render import rays as rays_lib
+from glue_jax.train import fit as fit_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,15 +112,7 @@ def make_step(graphdef, tx, rcfg: RenderConfig, rays_per_instance: int):
     rgb = render_chunk(model.decoder, model.decoder.prepare(z), rays, rcfg, k_strat)
     per = jnp.mean(jnp.square(rgb - target), axis=(1, 2))
     return per.mean(), per
-
-  def step(state, batch, base_key):
-    key = jax.random.fold_in(base_key, state["step"])
-    (loss, per), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "psnr": jnp.mean(-10.0 * jnp.log10(per))}
-    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-  return step
+  return fit_lib.mse_step(loss_fn, tx)
 
 
 def make_render_views(graphdef, rcfg: RenderConfig, chunk: int = 1024):

@@ -1,6 +1,7 @@
 """A small supervised fitting loop for auxiliary networks (demo encoder,
 semantic compressor): NNX module + loss + optax, jitted, with BatchNorm
 statistics carried functionally.  The diffusion trainer is ``loop.py``.
+Also the shared train step of the LA-INR tasks (:func:`mse_step`).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from tqdm import tqdm
@@ -69,3 +71,20 @@ def batches_from(arrays: dict, batch_size: int, seed: int) -> Iterator[dict]:
     for i in range(0, n - batch_size + 1, batch_size):
       idx = np.sort(perm[i:i + batch_size])
       yield {k: v[idx] for k, v in arrays.items()}
+
+
+def mse_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+  """``step(state, batch, base_key) -> (state, metrics)`` over a pure train state
+  ``{'params', 'opt_state', 'step'}``; ``loss_fn(params, batch, key) -> (mean MSE,
+  per-example MSE)``.  Step s draws its key as ``fold_in(base_key, s)``; the
+  metrics are the loss, PSNR (mean over examples of -10 log10 MSE) and the
+  gradient norm."""
+  def step(state, batch, base_key):
+    key = jax.random.fold_in(base_key, state["step"])
+    (loss, per), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "psnr": jnp.mean(-10.0 * jnp.log10(per)),
+               "grad_norm": optax.global_norm(grads)}
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+  return step
