@@ -130,7 +130,7 @@ def _store_features(align: bool) -> dict:
 
 def bench_store(tmp, args, rows):
   import ml_dtypes
-  from glue_jax.data import feature_store, pipeline
+  from glue_jax.data import feature_reader, feature_store, pipeline
   n = args.n
   source = _FakeImages(n)
   feats = _store_features(True)
@@ -150,7 +150,7 @@ def bench_store(tmp, args, rows):
                "note": f"{size / 1e3:.0f} kB/example incl. align_target (zstd:3)"})
   for keys, label in ((["latent_moments", "semantic", "cls"], "no align_target"),
                       (None, "with align_target")):
-    src = feature_store.open_store(directory, keys=keys)
+    src = feature_reader.open_store(directory, keys=keys)
     for workers in (0, 2):
       it = iter(pipeline.make_dataset(src, batch_size=args.batch, seed=0,
                                       worker_count=workers, read_threads=args.threads))

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from glue_jax.data import digits, feature_store as fst, imagenet, pipeline, tfds_digits
+from glue_jax.data import digits, feature_reader as fsr, feature_store as fst, imagenet
+from glue_jax.data import pipeline, tfds_digits
 from glue_jax.models import compressor as compressor_lib
 from glue_jax.models import dinov2, dinov2_weights, pixel_tokenizer
 from glue_jax.models import semantic_encoder as se
@@ -88,7 +89,7 @@ def test_two_processes_write_a_store_equal_to_direct_features(tiny, tmp_path, st
   assert _write(d, tiny, p=0, n=2) is None            # shards 0, 2: not complete yet
   assert sorted(f for f in os.listdir(d) if f.endswith(".array_record")) == SHARDS[::2]
   with pytest.raises(fst.FeatureStoreError, match="incomplete feature store .2 of 3"):
-    fst.load_manifest(str(d))
+    fsr.load_manifest(str(d))
   manifest = _write(d, tiny, p=1, n=2)                # the last shard completes it
   assert manifest["count"] == N and manifest["num_shards"] == 3
   assert manifest["features"]["semantic"] == {"shape": [4, 4, 16], "dtype": "float32"}
@@ -99,7 +100,7 @@ def test_two_processes_write_a_store_equal_to_direct_features(tiny, tmp_path, st
     assert s["sha256"] == fst.file_sha256(os.path.join(d, s["file"]))
   for f in SHARDS:                                    # same bytes as one process writing all
     assert open(d / f, "rb").read() == open(os.path.join(store, f), "rb").read()
-  src = fst.open_store(str(d), verify_checksums=True)
+  src = fsr.open_store(str(d), verify_checksums=True)
   images = np.stack([imagenet.ImageSource(_records(), image_size=16).load(i)["image"]
                      for i in range(N)])
   np.testing.assert_array_equal(images, digits.load("train", 16)["image"][:N])
@@ -116,7 +117,7 @@ def test_two_processes_write_a_store_equal_to_direct_features(tiny, tmp_path, st
 
 
 def test_readers_on_two_processes_and_iterator_state(store, tmp_path):
-  src = fst.open_store(store, keys=["semantic"])
+  src = fsr.open_store(store, keys=["semantic"])
   assert sorted(src[0]) == ["label", "semantic"]
   seen = []
   for p in range(2):
@@ -155,7 +156,7 @@ def test_resume_after_a_crash_rewrites_partial_shards_identically(tiny, tmp_path
   assert not any(f.endswith(".tmp") for f in os.listdir(d))
   for f in SHARDS + ["manifest.json"]:
     assert open(d / f, "rb").read() == open(os.path.join(store, f), "rb").read(), f
-  assert manifest == fst.load_manifest(store)
+  assert manifest == fsr.load_manifest(store)
 
 
 def test_missing_truncated_and_corrupt_shards_are_named(store, tmp_path):
@@ -166,26 +167,26 @@ def test_missing_truncated_and_corrupt_shards_are_named(store, tmp_path):
   with pytest.raises(fst.FeatureStoreError,
                      match=r"shard train-00001-of-00003.array_record \(examples 8..15\): "
                            r"\d+ bytes, manifest says \d+ \(truncated"):
-    fst.open_store(str(d))
+    fsr.open_store(str(d))
   # a same-size file with a flipped byte: checksums catch it, and so does reading
   flipped = bytearray(data)
   flipped[len(data) // 8] ^= 0x5A
   open(d / SHARDS[1], "wb").write(bytes(flipped))
   with pytest.raises(fst.FeatureStoreError, match="train-00001.*SHA-256 differs"):
-    fst.open_store(str(d), verify_checksums=True)
-  src = fst.open_store(str(d))
+    fsr.open_store(str(d), verify_checksums=True)
+  src = fsr.open_store(str(d))
   src[0], src[19]                                      # other shards still read
   with pytest.raises(fst.FeatureStoreError, match=r"train-00001-of-00003.array_record: "
                                                   r"(cannot open|example \d+)"):
     [src[i] for i in range(8, 16)]
   os.remove(d / SHARDS[2])
   with pytest.raises(fst.FeatureStoreError, match="train-00002.*file missing"):
-    fst.open_store(str(d))
+    fsr.open_store(str(d))
 
 
 def test_manifest_and_config_mismatches(store, tiny, tmp_path):
   with pytest.raises(fst.ManifestMismatchError) as e:
-    fst.open_store(store, keys=["semantic", "depth"], shapes={"semantic": [8, 8, 16]},
+    fsr.open_store(store, keys=["semantic", "depth"], shapes={"semantic": [8, 8, 16]},
                    dtypes={"cls": "bfloat16"}, identity={"encoder": "deadbeef"},
                    dataset="imagenet2012")
   msg = str(e.value)
@@ -198,12 +199,12 @@ def test_manifest_and_config_mismatches(store, tiny, tmp_path):
       "identity": {"encoder": tiny.identity["encoder"]["hash"],
                    "compressor": tiny.identity["compressor"]["hash"]},
       "expect_shapes": {"semantic": [4, 4, 16], "cls": [32]}, "split_fingerprint": "f0"})
-  assert len(fst.open_source(cfg, "train")) == N
+  assert len(fsr.open_source(cfg, "train")) == N
   cfg.split_fingerprint = "other"
   with pytest.raises(fst.ManifestMismatchError, match="dataset fingerprint: store f0"):
-    fst.open_source(cfg, "train")
+    fsr.open_source(cfg, "train")
   with pytest.raises(FileNotFoundError, match="no feature store for split 'val'"):
-    fst.open_source(cfg, "val")
+    fsr.open_source(cfg, "val")
   # resuming into a store made with other weights is refused, listing the difference
   d = tmp_path / "train"
   shutil.copytree(store, d)
@@ -240,7 +241,7 @@ def test_bad_extractor_output_and_corrupt_images(tiny, tmp_path):
   skip = imagenet.ImageSource(recs, image_size=16, name="toy/train", on_corrupt="skip")
   manifest = _write(tmp_path / "d", tiny, source=skip)
   assert manifest["skipped"] == [{"index": 5, "reason": "corrupt image"}]
-  src = fst.open_store(str(tmp_path / "d"))
+  src = fsr.open_store(str(tmp_path / "d"))
   assert len(src) == N - 1 and src.store_index(5) == 6
   with pytest.raises(fst.FeatureStoreError, match="example 5: example was skipped"):
     src.read(5)
@@ -272,7 +273,7 @@ def test_precompute_cli_demo_preset_then_training(tiny, digits_dir, tmp_path):
   out = str(tmp_path / "features")
   summary = precompute.run(cfg, out, process_index=0, process_count=1)
   assert summary["complete"] and summary["count"] == 40 and summary["num_shards"] == 3
-  manifest = fst.load_manifest(os.path.join(out, "test_40"))
+  manifest = fsr.load_manifest(os.path.join(out, "test_40"))
   assert manifest["dataset"]["full_name"] == "digits/1.0.0"
   assert manifest["identity"]["encoder"]["hash"] == tiny.identity["encoder"]["hash"]
   # the weights and statistics loaded from the demo's files are exactly the saved ones
@@ -282,7 +283,7 @@ def test_precompute_cli_demo_preset_then_training(tiny, digits_dir, tmp_path):
       "name": "feature_store", "path": out, "num_classes": 10, "workers": 0,
       "images": {"data_dir": digits_dir},
       "identity": {"encoder": tiny.identity["encoder"]["hash"]}})
-  src = fst.open_source(data, "test[:40]")
+  src = fsr.open_source(data, "test[:40]")
   ref = digits.load("test", 16)
   for i in (0, 17, 39):
     np.testing.assert_array_equal(src[i]["image"], ref["image"][i])

@@ -7,7 +7,8 @@ method's features (``semantic``, ``cls``, ``align_target``).
 - ``npz``: one ``.npz`` of arrays with a leading example axis (the demo's
   precomputed features; small datasets).
 - ``feature_store``: the sharded ArrayRecord feature store (large datasets;
-  ``glue_jax.data.feature_store``).
+  written by ``glue_jax.data.feature_store``, read by
+  ``glue_jax.data.feature_reader``).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def build(cfg, split: str = "train"):
       arrays = {k: v for k, v in arrays.items() if k in set(keep) | {"label"}}
     return ArraySource(arrays, name=path)
   if name == "feature_store":
-    from glue_jax.data import feature_store
-    return feature_store.open_source(cfg, split)
+    from glue_jax.data import feature_reader
+    return feature_reader.open_source(cfg, split)
   raise ValueError(f"unknown data source {name!r}; 'npz' or 'feature_store'")
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from glue_jax.data import feature_store as fst
+from glue_jax.data import feature_reader as fsr, feature_store as fst
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,7 +49,7 @@ def test_precompute_killed_midway_resumes_byte_identical(reference, tmp_path):
   assert p.wait() == -signal.SIGKILL, "the worker finished before it could be killed"
   assert "manifest.json" not in os.listdir(d)            # an unfinished store is not readable
   with pytest.raises(fst.FeatureStoreError):
-    fst.open_store(d)
+    fsr.open_store(d)
   _run(d)                                                # resume
   assert not any(f.endswith(".tmp") for f in os.listdir(d))
   assert _shards(d) == _shards(reference)
@@ -65,4 +65,4 @@ def test_truncated_shard_named_on_open(reference, tmp_path):
   with open(os.path.join(d, shard), "r+b") as fh:
     fh.truncate(os.path.getsize(os.path.join(d, shard)) // 2)
   with pytest.raises(fst.FeatureStoreError, match=shard.split(".")[0]):
-    fst.open_store(d)
+    fsr.open_store(d)
