@@ -25,7 +25,11 @@ def get_config(arg=None):
   t = common.diffusion_defaults()
   t.method = a.method
   t.model.arch = "S/2"
-  t.model.overrides = {"depth": 4, "hidden_size": 96, "num_heads": 4, "encoder_depth": 2,
+  # hidden_size must be >= 2*2*(12 + 16) = 112, REGLUE's pixel outputs per token:
+  # with hidden 96 (the first choice) the final linear layer confined the
+  # velocity to a 96-dim subspace and 16 noise directions per token were never
+  # removed (SiT warns; bench/RESULTS.md, convergence).
+  t.model.overrides = {"depth": 4, "hidden_size": 128, "num_heads": 4, "encoder_depth": 2,
                        "projector_dim": 256}
   t.data = ml_collections.ConfigDict({"name": "npz", "path": "", "num_classes": 10,
                                       "workers": 0})

@@ -37,18 +37,16 @@ def get_config(arg=None):
   t.model.arch = "S/2"
   # 24 px canvas, pixel tokenizer factor 3 -> 8x8x27 latents; patch 2 -> 16 image
   # tokens + 14 in-context prompt tokens.
-  t.model.overrides = {"depth": 4, "hidden_size": 96, "num_heads": 4,
+  t.model.overrides = {"depth": 4, "hidden_size": 128, "num_heads": 4,
                        "prompt_length": PROMPT_LENGTH, "prompt_pooled": True,
                        "class_dropout_prob": 0.1}
   t.data = ml_collections.ConfigDict({"name": "npz", "path": "", "num_classes": VOCAB_SIZE,
                                       "workers": 0})
   t.first_stage = {"name": "pixel", "factor": 3, "channels": 3, "scale": 1.0, "shift": 0.0}
-  # Measured (bench/results/composition*.json): batch 32 x 2400 steps and batch
-  # 128 x 3000 steps both leave per-pixel noise and no recognisable objects
-  # (local alignment 0.09 / 0.16, below the probes' chance level); the larger
-  # batch is the better of the two.  Cause (SiT now warns about it): hidden 96 <
-  # 2*2*27 = 108 outputs per token, so 12 noise directions per token are never
-  # removed by the sampler; the next run needs hidden_size >= 108.
+  # hidden_size must be >= 2*2*27 = 108 outputs per token.  With hidden 96 (the
+  # first runs, bench/results/composition_h96*.json) 12 noise directions per
+  # token were never removed by the sampler (SiT warns) and samples kept
+  # per-pixel noise; 128 removes that bound.
   t.batch_size = a.batch or (32 if a.fast else 128)
   t.total_steps = a.steps or (20 if a.fast else 3000)
   t.optim.lr = 1e-3
