@@ -15,7 +15,7 @@ method from the same per-scene noise, for several seeds, and reports mean ± std
 over seeds of the four scores of ``glue_jax.evaluate_composition``.  The claim
 tested: GLoD raises local alignment while keeping global alignment.
 
-  python bench/composition.py                        # default: ~15 min on 2 CPU cores
+  python bench/composition.py                        # default: ~75 min on 2 busy CPU cores
   python bench/composition.py --seeds 0,1,2,3 --num_scenes 200 --train_steps 4000
 """
 

@@ -3,7 +3,7 @@
   python bench/convergence.py                       # 4 methods x 3 seeds, CPU-sized
   python bench/convergence.py --steps=1200 --methods=sit,repa,reg,reglue,redi
 
-Every method trains the demo's network (SiT-S-tiny, depth 4, hidden 96) on the
+Every method trains the demo's network (configs/demo.py: SiT depth 4, hidden 128) on the
 demo's precomputed digits features (the same encoder, compressor and data for
 all methods; only the switches of ``glue_jax.methods`` differ) with the same
 steps, batch, optimizer and seeds.  Samples (SDE + CFG, balanced labels) are
@@ -14,7 +14,7 @@ scored with a digits CNN trained separately on the train split
 - acc: its accuracy on the conditional samples (label = requested class).
 
 Prints mean +- std over seeds and writes ``bench/results/convergence.json`` plus
-a sample-grid PNG per method.  Runs are resumable (the trainer's checkpoints).
+a sample-grid PNG per method beside it (seed 0).  Runs are resumable (the trainer's checkpoints).
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def main():
       rows.append(dict(method=method, seed=seed, fd=float(fd), acc=acc,
                        final_loss=float(metrics.get("loss", np.nan)),
                        train_seconds=train_s, sample_seconds=sample_s))
-      if seed == 0:
-        writers.save_png(os.path.join(args.workdir, f"samples_{method}.png"),
+      if seed == 0:   # next to the JSON: <out>_samples_<method>.png
+        writers.save_png(f"{os.path.splitext(args.out)[0]}_samples_{method}.png",
                          writers.image_grid(imgs[:100], ncols=10), scale=2)
       print(json.dumps(rows[-1]))
   summary = {}
