@@ -177,17 +177,17 @@ class SiT(nnx.Module):
   def __init__(self, cfg: SiTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, p = cfg.hidden_size, cfg.patch_size
-    if d < p * p * cfg.in_channels:
+    token_values = p * p * cfg.in_channels
+    if d < token_values:
       # The final linear layer maps d features to p*p*C outputs per token, so the
       # velocity of a token lies in a d-dim affine subspace: the noise of x_1 in
       # the other p*p*C - d directions is never removed by any sampler.
       logging.warning(
           "SiT: hidden_size %d < patch_size^2 x in_channels = %d; %d output directions "
           "per token cannot be denoised (samples keep that part of the noise). Use "
-          "hidden_size >= %d.", d, p * p * cfg.in_channels, p * p * cfg.in_channels - d,
-          p * p * cfg.in_channels)
+          "hidden_size >= %d.", d, token_values, token_values - d, token_values)
     out_c = cfg.in_channels * (2 if cfg.learn_sigma else 1)
-    self.patch_embed = layers.Dense(p * p * cfg.in_channels, d, rngs=rngs,
+    self.patch_embed = layers.Dense(token_values, d, rngs=rngs,
                                     axes=(None, "embed"))
     self.t_embed = layers.TimestepEmbedder(d, rngs=rngs)
     if cfg.prompt_length:
