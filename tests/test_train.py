@@ -51,8 +51,23 @@ def test_sharded_step_equals_single_device(features):
   s2, m2 = single(s2, jax.tree.map(jnp.asarray, batch), key)
   s2, m2b = single(s2, jax.tree.map(jnp.asarray, batch), key)
   np.testing.assert_allclose(float(m1b["loss"]), float(m2b["loss"]), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  # Compare what the two AdamW steps moved, in units of the learning rate.
+  # Sharding changes only the order of float32 reductions; AdamW divides each
+  # gradient element by its own RMS, so an element whose gradient is near the
+  # reduction noise can move differently by a fraction of lr that depends on the
+  # CPU's kernels (measured up to 1.2e-3 lr over 3 meshes x 3 seeds), while a
+  # real sharding bug (a wrong shard, a missing all-reduce) moves parameters by
+  # O(lr).  An absolute tolerance on the parameters themselves (atol 1e-6 = 1e-3
+  # lr) was at that noise floor and flaked.
+  lr = cfg.optim.lr
+  for p0, a, b in zip(jax.tree.leaves(host), jax.tree.leaves(s1["params"]),
+                      jax.tree.leaves(s2["params"])):
+    np.testing.assert_allclose((np.asarray(a) - p0) / lr, (np.asarray(b) - p0) / lr,
+                               rtol=0, atol=1e-2)
+  for a, b in zip(jax.tree.leaves(s1["opt_state"]), jax.tree.leaves(s2["opt_state"])):
+    a, b = np.asarray(a), np.asarray(b)
+    scale = max(float(np.abs(b).max()), np.finfo(np.float32).tiny) if b.size else 1.0
+    np.testing.assert_allclose(a / scale, b / scale, rtol=0, atol=1e-4)   # moments, leaf-relative
 
 
 def _final_params(workdir):
@@ -105,8 +120,15 @@ def test_restore_onto_a_different_mesh(features, tmp_path):
   loop.train(train_utils.tiny_config(features, steps=6, mesh={"data": 2, "fsdp": 4}), wd)
   _, a = _final_params(straight)
   _, b = _final_params(wd)
-  for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+  # Same reasoning as test_sharded_step_equals_single_device: compare how far
+  # the 6 AdamW steps moved each parameter, in units of the learning rate.
+  cfg = train_utils.tiny_config(features, steps=6)
+  p0 = jax.device_get(loop.init_params(loop.build(cfg), cfg.seed))
+  lr = cfg.optim.lr
+  for p, x, y in zip(jax.tree.leaves(p0), jax.tree.leaves(a["params"]),
+                     jax.tree.leaves(b["params"])):
+    np.testing.assert_allclose((np.asarray(x) - p) / lr, (np.asarray(y) - p) / lr,
+                               rtol=0, atol=2e-2)
 
 
 def test_config_mismatch_is_clear_error(features, tmp_path):
