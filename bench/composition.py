@@ -12,7 +12,7 @@ samples the held-out test scene specifications with
 
 plus ``global`` (CFG on the global caption: the preservation reference), every
 method from the same per-scene noise, for several seeds, and reports mean ± std
-over seeds of the four scores of ``glue_jax.evaluate_composition``.  The claim
+over seeds of the four scores of ``glue_jax.projects.glod.composition_eval``.  The claim
 tested: GLoD raises local alignment while keeping global alignment.
 
   python bench/composition.py                        # default: ~75 min on 2 busy CPU cores
@@ -29,8 +29,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import scenes as scenes_config  # noqa: E402
-from glue_jax import evaluate_composition as ec  # noqa: E402
-from glue_jax import scenes  # noqa: E402
+from glue_jax.projects.glod import composition_eval as ec  # noqa: E402
+from glue_jax.projects.glod import scenes_pipeline as scenes  # noqa: E402
 import bench_io  # noqa: E402
 
 NAME = "composition"
@@ -95,7 +95,7 @@ def main(argv=None):
   bench_io.write_json(args.out, {
       "name": NAME, "table": table, "result": result,
       "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in ev.items()},
-      "generator": {"train_steps": config.train.total_steps,
+      "generator": {"train_steps": config.train.train.steps,
                     "model": dict(config.train.model.overrides),
                     "last_train_metrics": train_metrics},
       "seconds": {"prepare": t_prepare, "evaluate": t_eval}})

@@ -49,7 +49,8 @@ def main():
   jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "xla_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   from configs import demo as demo_config
-  from glue_jax import api, demo
+  from glue_jax import api
+  from glue_jax.projects.reglue import digits_demo as demo
   from glue_jax.data import digits
   from glue_jax.eval import digits_classifier, frechet
   from glue_jax.train import loop, writers
@@ -65,9 +66,9 @@ def main():
     for seed in (int(s) for s in args.seeds.split(",")):
       tc = base.train.copy_and_resolve_references()
       with tc.unlocked():
-        tc.method, tc.seed, tc.total_steps = method, seed, args.steps
-        tc.sample_every = 0
-        tc.ckpt_every = args.steps
+        tc.method, tc.seed, tc.train.steps = method, seed, args.steps
+        tc.train.sample_every = 0
+        tc.checkpoint.every = args.steps
       wd = os.path.join(args.workdir, f"{method}_seed{seed}")
       t0 = time.time()
       metrics = loop.train(tc, wd)
@@ -99,7 +100,7 @@ def main():
     summary[method] = {k: (float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs])))
                        for k in ("fd", "acc", "final_loss")}
   real_acc = clf.accuracy(test["image"], test["label"])
-  print(f"\nDigits convergence: {args.steps} steps, batch {base.train.batch_size}, "
+  print(f"\nDigits convergence: {args.steps} steps, batch {base.train.train.batch_size}, "
         f"{args.num_samples} samples ({args.sample_steps}-step SDE, CFG {args.cfg_scale}), "
         f"seeds {args.seeds}; classifier test accuracy {real_acc:.3f}")
   print(f"{'method':10s} {'FD (lower better)':>20s} {'class acc':>16s} {'final loss':>16s}")
@@ -108,7 +109,7 @@ def main():
           f" {s['final_loss'][0]:9.4f} ± {s['final_loss'][1]:.4f}")
   bench_io.write_json(args.out, dict(
       config=vars(args), classifier_test_accuracy=real_acc, rows=rows, summary=summary,
-      batch_size=base.train.batch_size, jax_devices=str(jax.devices())))
+      batch_size=base.train.train.batch_size, jax_devices=str(jax.devices())))
 
 
 if __name__ == "__main__":

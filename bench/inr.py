@@ -38,7 +38,9 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import lainr as lainr_configs  # noqa: E402
-from glue_jax import lainr  # noqa: E402
+from glue_jax.projects.lainr import image_sources, novel_views  # noqa: E402
+from glue_jax.projects.lainr import reconstruction as lainr  # noqa: E402
+from glue_jax.train import step as step_lib  # noqa: E402
 from glue_jax.models import lainr as lainr_lib  # noqa: E402
 import bench_io  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
@@ -79,35 +81,36 @@ def train_seeds(step, state, batch_fn, steps, seeds, desc):
 
 def recon(dataset: str, args, seeds) -> list[dict]:
   config = lainr_configs.get_config(f"dataset={dataset},model={args.model}")
-  config.data.update(num_train=args.num_train, num_test=args.num_test, batch_size=args.batch)
+  config.data.update(num_train=args.num_train, num_test=args.num_test)
+  config.train.batch_size = args.batch
   config.optim.lr = args.lr
   if args.num_latents:
     config.model.num_latents = args.num_latents
   frac = 1.0 if dataset == "digits" else args.photo_pixel_fraction
-  data = lainr.ImageData(config)
-  bs = config.data.batch_size
-  batch_fn = lambda i: np.stack([data.train[np.random.default_rng([s, i]).choice(
-      len(data.train), bs)] for s in seeds])
-  rows = reference_rows("recon", dataset, data.train, data.test, {
+  train_src, test_images, _ = image_sources.sources(config)
+  train_images = image_sources.first_images(train_src, 0)
+  bs = config.train.batch_size
+  batch_fn = lambda i: {"image": np.stack([train_images[np.random.default_rng([s, i]).choice(
+      len(train_images), bs)] for s in seeds])}
+  rows = reference_rows("recon", dataset, train_images, test_images, {
       "ref: mean train image": lambda tr, te: tr.mean(0),
       "ref: per-image mean colour": lambda tr, te: te.mean((1, 2), keepdims=True)})
   for variant in args.variants:
     cfg = lainr.model_config(config, image_size=config.data.image_size, in_channels=3,
                              coord_dim=2, out_dim=3, variant=variant)
     graphdef, params = init_seeds(cfg, seeds)
-    tx = lainr.make_optimizer(lr=config.optim.lr)
-    state = jax.jit(jax.vmap(lambda p: {"params": p, "opt_state": tx.init(p),
-                                        "step": jnp.zeros((), jnp.int32)}))(params)
-    step = jax.jit(jax.vmap(lainr.make_recon_step(graphdef, tx, pixel_fraction=frac)),
-                   donate_argnums=(0,))
+    tx = step_lib.make_optimizer(lr=config.optim.lr, grad_clip=0.0)
+    state = jax.jit(jax.vmap(lambda p: step_lib.init_state(p, tx, ema=False)))(params)
+    step = jax.jit(jax.vmap(step_lib.make_step(lainr.make_loss(graphdef, pixel_fraction=frac),
+                                               tx)), donate_argnums=(0,))
     state, loss, compile_s, rate = train_seeds(step, state, batch_fn, args.steps, seeds,
                                                f"{dataset}/{variant}")
     fn = lainr.make_reconstruct(graphdef, 4096)
     h = config.data.image_size
     ev = jax.jit(jax.vmap(lambda p, x: lainr.psnr(fn(p, x, h, h), lainr.to_unit(x)),
                           in_axes=(0, None)))
-    scores = np.concatenate([np.asarray(ev(state["params"], data.test[i:i + 64]))
-                             for i in range(0, len(data.test), 64)], axis=1)
+    scores = np.concatenate([np.asarray(ev(state["params"], test_images[i:i + 64]))
+                             for i in range(0, len(test_images), 64)], axis=1)
     per_seed = scores.mean(1)
     rows.append(dict(task="recon", dataset=dataset, size=h, variant=variant,
                      psnr_mean=float(per_seed.mean()), psnr_std=float(per_seed.std()),
@@ -119,7 +122,7 @@ def recon(dataset: str, args, seeds) -> list[dict]:
           f"({rate:.1f} steps/s x {len(seeds)} seeds, compile {compile_s:.0f}s)", flush=True)
     if dataset == "digits" and variant in ("lainr", "global"):
       rows.append(throughput(graphdef, jax.tree.map(lambda x: x[0], state["params"]),
-                             data.test[:4], variant, args))
+                             test_images[:4], variant, args))
   return rows
 
 
@@ -156,15 +159,15 @@ def throughput(graphdef, params, images, variant, args) -> dict:
 
 
 def nvs(args, seeds) -> list[dict]:
-  from glue_jax.data import multiview
-  from glue_jax.render import nvs as nvs_lib
+  from glue_jax.projects.lainr import multiview_data as multiview
+  from glue_jax.projects.lainr import radiance_field as nvs_lib
   config = lainr_configs.get_config(f"task=nvs,model={args.model}")
   config.optim.lr = args.nvs_lr
   if args.num_latents:
     config.model.num_latents = args.num_latents
   nc = config.nvs
   nc.update(num_objects=args.nvs_objects, num_test_objects=args.nvs_test_objects,
-            batch_size=args.nvs_batch, num_samples=args.nvs_samples,
+            num_samples=args.nvs_samples,
             rays_per_instance=args.nvs_rays, image_size=args.nvs_size,
             patch_size=max(1, args.nvs_size // 8), support_views=args.support_views,
             query_views=2)
@@ -174,8 +177,16 @@ def nvs(args, seeds) -> list[dict]:
   train = multiview.procedural(nc.num_objects, nc.num_views, nc.image_size, seed=0)
   test = multiview.procedural(nc.num_test_objects, nc.num_views, nc.image_size, seed=1)
   print(f"procedural multi-view set: {time.time() - t0:.1f}s", flush=True)
-  batch_fn = lambda i: jax.tree.map(lambda *x: np.stack(x), *[nvs_lib.nvs_batch(
-      train, i, s, nc.batch_size, nc.support_views, nc.query_views) for s in seeds])
+  config.train.batch_size = args.nvs_batch
+  objects = [{k: train[k][o] for k in ("images", "poses", "focal")}
+             for o in range(len(train["images"]))]
+
+  def one_batch(i, s):
+    rng = np.random.default_rng([s, i, 7])
+    views = [nvs_lib.choose_views(nc.support_views, nc.query_views, objects[o], rng)
+             for o in rng.choice(len(objects), args.nvs_batch)]
+    return {k: np.stack([v[k] for v in views]) for k in views[0]}
+  batch_fn = lambda i: jax.tree.map(lambda *x: np.stack(x), *[one_batch(i, s) for s in seeds])
   n_sup = nc.support_views
   query = lambda d: d["images"][:, n_sup:].reshape(-1, *d["images"].shape[2:])
   rows = reference_rows("nvs", "procedural", query(train), query(test), {
@@ -183,13 +194,12 @@ def nvs(args, seeds) -> list[dict]:
       "ref: mean train view": lambda tr, te: tr.mean(0)})
   for variant in ("lainr", "global"):
     config.model.variant = variant
-    mcfg, rcfg = lainr.nvs_setup(config)
+    mcfg, rcfg = novel_views.setup(config)
     graphdef, params = init_seeds(mcfg, seeds)
-    tx = lainr.make_optimizer(lr=config.optim.lr)
-    state = jax.jit(jax.vmap(lambda p: {"params": p, "opt_state": tx.init(p),
-                                        "step": jnp.zeros((), jnp.int32)}))(params)
-    step = jax.jit(jax.vmap(nvs_lib.make_step(graphdef, tx, rcfg, nc.rays_per_instance)),
-                   donate_argnums=(0,))
+    tx = step_lib.make_optimizer(lr=config.optim.lr, grad_clip=0.0)
+    state = jax.jit(jax.vmap(lambda p: step_lib.init_state(p, tx, ema=False)))(params)
+    step = jax.jit(jax.vmap(step_lib.make_step(
+        nvs_lib.make_loss(graphdef, rcfg, nc.rays_per_instance), tx)), donate_argnums=(0,))
     state, loss, compile_s, rate = train_seeds(step, state, batch_fn, args.nvs_steps, seeds,
                                                f"nvs/{variant}")
     render = jax.jit(nvs_lib.make_render_views(graphdef, rcfg, nc.chunk))
@@ -202,7 +212,7 @@ def nvs(args, seeds) -> list[dict]:
     rows.append(dict(task="nvs", dataset="procedural", size=nc.image_size, variant=variant,
                      psnr_mean=float(per_seed.mean()), psnr_std=float(per_seed.std()),
                      psnr_per_seed=per_seed.tolist(), train_loss=loss.tolist(),
-                     steps=args.nvs_steps, batch=nc.batch_size,
+                     steps=args.nvs_steps, batch=args.nvs_batch,
                      support_views=nc.support_views, samples_per_ray=nc.num_samples,
                      rays_per_instance=nc.rays_per_instance,
                      params=num_params(state["params"]), compile_s=compile_s,

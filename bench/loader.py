@@ -250,6 +250,7 @@ def bench_train_step(args, rows):
   from glue_jax import sharding
   from glue_jax.train import loop, parallel
   from glue_jax.train import step as step_lib
+  from glue_jax.transport import objective
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from tests import train_utils
   tmp = tempfile.mkdtemp()
@@ -261,7 +262,7 @@ def bench_train_step(args, rows):
     with jax.set_mesh(run.mesh), sharding.logical_rules(run.rules, run.mesh):
       state = jax.jit(lambda p: step_lib.init_state(p, run.tx),
                       out_shardings=run.state_shardings)(params)
-      step = jax.jit(step_lib.make_train_step(run.graphdef, run.tx, run.step_cfg),
+      step = jax.jit(objective.make_train_step(run.graphdef, run.tx, run.step_cfg),
                      in_shardings=(run.state_shardings, run.batch_shardings, None),
                      donate_argnums=(0,))
       ex = [run.source[i] for i in range(args.train_batch)]

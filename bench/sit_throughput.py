@@ -41,6 +41,7 @@ from glue_jax import methods as methods_lib  # noqa: E402
 from glue_jax import models  # noqa: E402
 from glue_jax.models import sit  # noqa: E402
 from glue_jax.train import step as step_lib  # noqa: E402
+from glue_jax.transport import objective  # noqa: E402
 from glue_jax.transport import losses  # noqa: E402
 import bench_io  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
@@ -147,7 +148,7 @@ def bench_one(model: str, method_name: str, args, batch_size: int) -> dict:
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   batch = make_batch(method, batch_size)
   loss_cfg = losses.LossConfig(**method.loss_overrides())
-  step_cfg = step_lib.StepConfig(method=method, loss=loss_cfg)
+  step_cfg = objective.StepConfig(method=method, loss=loss_cfg)
   tx = step_lib.make_optimizer()
   key = jax.random.key(0)
 
@@ -170,11 +171,11 @@ def bench_one(model: str, method_name: str, args, batch_size: int) -> dict:
   train_state = jax.jit(lambda p: step_lib.init_state(p, tx))(params)
   del params, fwd_args
   t0 = time.perf_counter()
-  train_xla = lowered_flops(step_lib.make_train_step(unrolled, tx, step_cfg),
+  train_xla = lowered_flops(objective.make_train_step(unrolled, tx, step_cfg),
                             train_state, batch, key)
   cost_s += time.perf_counter() - t0
   t0 = time.perf_counter()
-  train = jax.jit(step_lib.make_train_step(graphdef, tx, step_cfg),
+  train = jax.jit(objective.make_train_step(graphdef, tx, step_cfg),
                   donate_argnums=0).lower(train_state, batch, key).compile()
   train_compile = time.perf_counter() - t0
   train_scanned = xla_flops(train.cost_analysis())

@@ -72,6 +72,7 @@ from glue_jax import methods as methods_lib  # noqa: E402
 from glue_jax import models  # noqa: E402
 from glue_jax.models import sit  # noqa: E402
 from glue_jax.train import step as step_lib  # noqa: E402
+from glue_jax.transport import objective  # noqa: E402
 from glue_jax.transport import losses  # noqa: E402
 import bench_io  # noqa: E402
 import sit_throughput as st  # noqa: E402  (peak, timing, FLOP and batch helpers)
@@ -127,7 +128,7 @@ def setup_ours(model: str, batch: dict, args) -> Side:
   """glue_jax's jitted train step (state donated and threaded through calls)."""
   method = methods_lib.get(METHOD)
   cfg = net_config(model, args.dtype, args.attention_impl)
-  step_cfg = step_lib.StepConfig(method=method,
+  step_cfg = objective.StepConfig(method=method,
                                  loss=losses.LossConfig(**method.loss_overrides()))
   tx = step_lib.make_optimizer()
   graphdef, state = models.init("sit", cfg, seed=0)
@@ -140,10 +141,10 @@ def setup_ours(model: str, batch: dict, args) -> Side:
   batch = jax.device_put(batch)
   train_state = jax.jit(lambda p: step_lib.init_state(p, tx))(params)
   del params, state
-  flops_xla = st.lowered_flops(step_lib.make_train_step(unrolled, tx, step_cfg),
+  flops_xla = st.lowered_flops(objective.make_train_step(unrolled, tx, step_cfg),
                                train_state, batch, key)
   t0 = time.perf_counter()
-  train = jax.jit(step_lib.make_train_step(graphdef, tx, step_cfg),
+  train = jax.jit(objective.make_train_step(graphdef, tx, step_cfg),
                   donate_argnums=0).lower(train_state, batch, key).compile()
   compile_s = time.perf_counter() - t0
   holder = [train_state, None]

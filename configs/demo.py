@@ -1,7 +1,8 @@
 """The embedded default: the whole REGLUE pipeline on scikit-learn digits (CPU).
 
   python -m glue_jax.main --config=configs/demo.py --workdir=workdirs/demo
-  --config=configs/demo.py:fast      (CI-sized: fewer steps)
+  --config=configs/demo.py:runlocal  (smoke run: 100 steps, exercises every stage; the
+                                      samples are not yet digits)
 """
 
 import ml_collections
@@ -10,7 +11,8 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, fast=False, method="reglue", steps=0)
+  a = common.parse_arg(arg, runlocal=False, method="reglue", steps=0)
+  fast = a.runlocal
   c = ml_collections.ConfigDict()
   c.kind = "demo"
   c.seed = 0
@@ -19,9 +21,9 @@ def get_config(arg=None):
   c.image_size = 16
   c.encoder = ml_collections.ConfigDict(dict(
       weights="", dim=64, depth=4, heads=4, patch_size=4, layers=(0, 1, 2, 3),
-      steps=100 if a.fast else 150, batch_size=128, lr=2e-3))
+      steps=100 if fast else 150, batch_size=128, lr=2e-3))
   c.compressor = ml_collections.ConfigDict(dict(
-      hidden=64, out_channels=16, steps=100 if a.fast else 150, batch_size=128, lr=1e-3))
+      hidden=64, out_channels=16, steps=100 if fast else 150, batch_size=128, lr=1e-3))
   t = common.diffusion_defaults()
   t.method = a.method
   t.model.arch = "S/2"
@@ -31,21 +33,20 @@ def get_config(arg=None):
   # removed (SiT warns; bench/RESULTS.md, convergence).
   t.model.overrides = {"depth": 4, "hidden_size": 128, "num_heads": 4, "encoder_depth": 2,
                        "projector_dim": 256}
-  t.data = ml_collections.ConfigDict({"name": "npz", "path": "", "num_classes": 10,
-                                      "workers": 0})
+  t.data = common.data_defaults(name="npz", path="", num_classes=10)
   t.first_stage = {"name": "pixel", "factor": 2, "channels": 3, "scale": 1.0, "shift": 0.0}
-  t.batch_size = 64
-  t.total_steps = a.steps or (100 if a.fast else 1200)
+  steps = a.steps or (100 if fast else 1200)
+  t.train.update(steps=steps, batch_size=64, log_every=50, ema_decay=0.999, ema_warmup=True,
+                 sample_every=steps, sample_steps=20)
   t.optim.lr = 1e-3
-  t.ema_decay = 0.999
-  t.ema_warmup = True
-  t.log_every = 50
-  t.ckpt_every = 500
-  t.sample_every = t.total_steps
-  t.sample_steps = 20
-  t.mesh = {"data": -1, "fsdp": 1}
+  t.checkpoint.every = 500
   c.train = t
-  c.eval = ml_collections.ConfigDict(dict(num_samples=100 if a.fast else 500,
+  c.eval = ml_collections.ConfigDict(dict(num_samples=100 if fast else 500,
                                           batch_size=100, cfg_scale=2.0,
-                                          num_steps=20 if a.fast else 50))
+                                          num_steps=20 if fast else 50))
+  # The preset stored with the checkpoint (load_model(...).sample uses it): the
+  # demo's own sampler, not the ImageNet one.
+  t.sampler = {"sampler": "sde", "num_steps": c.eval.num_steps, "t_last": 0.04,
+               "cfg_scale": c.eval.cfg_scale, "global_cfg_scale": None, "interval": (0.0, 0.9),
+               "vae_cfg": False}
   return c

@@ -1,7 +1,7 @@
 """LA-INR (locality-aware generalizable INR): reconstruction, novel views, generation.
 
   python -m glue_jax.main --config=configs/lainr.py --workdir=workdirs/lainr
-  --config=configs/lainr.py:fast                       (CI sizes, a few steps)
+  --config=configs/lainr.py:runlocal                   (CI sizes, a few steps)
   --config=configs/lainr.py:task=nvs                   (procedural multi-view set)
   --config=configs/lainr.py:task=generate              (SiT over the latent tokens)
   --config=configs/lainr.py:dataset=photos,variant=global
@@ -54,14 +54,15 @@ def bands(size: int, base=(128.0, 32.0), base_q=16.0, ref=178) -> tuple[tuple, f
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, fast=False, task="reconstruct", dataset="digits", variant="lainr",
-                       model="", steps=0, size=0)
+  a = common.parse_arg(arg, runlocal=False, task="reconstruct", dataset="digits",
+                       variant="lainr", model="", steps=0, size=0)
+  fast = a.runlocal
   if a.task not in ("reconstruct", "nvs", "generate"):
     raise ValueError(f"task={a.task!r}: reconstruct | nvs | generate")
   is_tfds = a.dataset.startswith("tfds:")
   if a.dataset not in ("digits", "photos") and not is_tfds:
     raise ValueError(f"dataset={a.dataset!r}: digits | photos | tfds:<name>")
-  preset = a.model or ("tiny" if a.fast else "paper" if is_tfds else "small")
+  preset = a.model or ("tiny" if fast else "paper" if is_tfds else "small")
   if preset not in _PRESETS:
     raise ValueError(f"model={preset!r}: one of {sorted(_PRESETS)}")
   paper = preset == "paper"
@@ -72,12 +73,12 @@ def get_config(arg=None):
   c.kind = "lainr"
   c.task = a.task
   c.seed = 0
-  c.data = ml_collections.ConfigDict(dict(
-      name=a.dataset, image_size=size, num_train=0 if is_tfds else (256 if a.fast else 2048),
-      num_test=64 if a.fast else 256, batch_size=16 if (paper or a.dataset == "photos") else 32,
-      tfds_dir="", train_split="train", test_split=_TFDS_TEST_SPLIT.get(tfds_name, "test"),
-      image_key="image", augment=tfds_name == "imagenette",
-      pixel_fraction=0.1 if size >= 512 else 1.0, jitter=tfds_name == "imagenette"))
+  c.data = common.data_defaults(
+      name=a.dataset, image_size=size, num_train=0 if is_tfds else (256 if fast else 2048),
+      num_test=64 if fast else 256, tfds_dir="", train_split="train",
+      test_split=_TFDS_TEST_SPLIT.get(tfds_name, "test"), image_key="image",
+      augment=tfds_name == "imagenette", pixel_fraction=0.1 if size >= 512 else 1.0,
+      jitter=tfds_name == "imagenette")
   patch, pad = patching(size)
   sig, sig_q = bands(size)
   c.model = ml_collections.ConfigDict(dict(
@@ -85,33 +86,34 @@ def get_config(arg=None):
       mlp_ratio=4.0, dropout=0.0, attn_heads=2, token_init_std=1.0, pos_init_std=1.0,
       sigmas=sig, sigma_q=sig_q, ff_pi=True,
       query_mlp=True, output_bias=0.5, single_band_mode="same_sigma", dtype="float32"))
-  # Paper recipe 1e-4; the small CPU presets leave the early mean-image
-  # plateau much sooner at 3e-3 (bench/inr.py measures it).
-  c.optim = ml_collections.ConfigDict(dict(lr=1e-4 if paper else 3e-3, b1=0.9, b2=0.999,
-                                           grad_clip=0.0))
-  c.train = ml_collections.ConfigDict(dict(
-      steps=a.steps or (20 if a.fast else 200_000 if paper else 1000),
-      log_every=10 if a.fast else 100, ckpt_every=10 if a.fast else 500, keep=2))
-  c.eval = ml_collections.ConfigDict(dict(num_images=16 if a.fast else 64, batch_size=16,
+  # Adam (IPC): paper recipe 1e-4; the small CPU presets leave the early
+  # mean-image plateau much sooner at 3e-3 (bench/inr.py measures it).
+  nvs_batch = 8 if fast else (32 if paper else 16)
+  common.trainer_sections(
+      c, steps=a.steps or (20 if fast else 200_000 if paper else 1000),
+      batch_size=(nvs_batch if a.task == "nvs" else
+                  16 if (paper or a.dataset == "photos") else 32),
+      log_every=10 if fast else 100, ckpt_every=10 if fast else 500, keep=2,
+      lr=1e-4 if paper else 3e-3, grad_clip=0.0)
+  c.eval = ml_collections.ConfigDict(dict(num_images=16 if fast else 64, batch_size=16,
                                           chunk=4096, upsample=2, clip_psnr=False))
 
-  nvs_size = a.size or (16 if a.fast else 128 if paper else 32)
+  nvs_size = a.size or (16 if fast else 128 if paper else 32)
   nvs_patch = 8 if nvs_size == 128 else max(1, nvs_size // 8)
   nsig, nsig_q = bands(nvs_size, base=(64.0, 16.0), base_q=8.0, ref=128)
   c.nvs = ml_collections.ConfigDict(dict(
-      dataset="procedural", root="", category="chair", num_objects=32 if a.fast else 256,
-      num_test_objects=8 if a.fast else 32, num_views=6 if a.fast else 8,
+      dataset="procedural", root="", category="chair", num_objects=32 if fast else 256,
+      num_test_objects=8 if fast else 32, num_views=6 if fast else 8,
       image_size=nvs_size, patch_size=nvs_patch, sigmas=nsig, sigma_q=nsig_q,
-      support_views=1 if a.fast else 2, query_views=1 if a.fast else 2,
-      batch_size=8 if a.fast else (32 if paper else 16),
-      rays_per_instance=64 if a.fast else 128, num_samples=16 if a.fast else (128 if paper else 32),
+      support_views=1 if fast else 2, query_views=1 if fast else 2,
+      rays_per_instance=64 if fast else 128, num_samples=16 if fast else (128 if paper else 32),
       near=2.0, far=6.0, white_background=True, density_activation="softplus",
       scene_scale=1.5, view_dirs=False, last_bin="far", chunk=1024))
 
   c.generate = ml_collections.ConfigDict(dict(
-      inr_workdir="", hidden_size=32 if a.fast else (384 if paper else 128),
-      depth=1 if a.fast else (12 if paper else 4), num_heads=2 if a.fast else (6 if paper else 4),
-      steps=a.steps or (20 if a.fast else 2000), batch_size=32 if a.fast else 64,
-      lr=1e-3 if not paper else 1e-4, sampler="heun", sample_steps=4 if a.fast else 50,
-      num_samples=16 if a.fast else 64, upsample=2))
+      inr_workdir="", hidden_size=32 if fast else (384 if paper else 128),
+      depth=1 if fast else (12 if paper else 4), num_heads=2 if fast else (6 if paper else 4),
+      steps=a.steps or (20 if fast else 2000), batch_size=32 if fast else 64,
+      lr=1e-3 if not paper else 1e-4, sampler="heun", sample_steps=4 if fast else 50,
+      num_samples=16 if fast else 64, upsample=2))
   return c

@@ -55,7 +55,7 @@ def get_config(arg=None):
   c.data_parallel = True
   c.distributed = None
   if a.preset == "demo":
-    # What glue_jax/demo.py writes and how its _features computes features.
+    # What glue_jax/projects/reglue/digits_demo.py writes and how its _features computes features.
     from configs import demo
     d = demo.get_config()
     c.dataset, c.image_size = "digits", d.image_size

@@ -5,16 +5,29 @@
   --config=configs/reglue.py:runlocal                    (tiny smoke run)
   --config=configs/reglue.py:online,dinov2=DIR,compressor=compression_model.pth
       (DINOv2 + compressor inside the train step; the data source carries images)
+  --config=configs/reglue.py:model=XL/2,bf16,tpu=v5e
+      (TPU preset of the generation: mesh, remat, unrolled blocks; TPU_PRESETS,
+      chosen with bench/tpu_compile.py, see bench/RESULTS.md)
 """
 
 from configs import common
 from glue_jax import methods
 
+# Per TPU generation, for global batch 256 (XLA's compiler predictions,
+# bench/tpu_compile.py; bench/RESULTS.md "TPU compile").  Blocks unrolled:
+# XLA schedules and fuses across layers (and its cost model sees each one).
+TPU_PRESETS = {
+    "v5p": {"mesh": {"data": -1, "fsdp": 1}, "model": {"scan_layers": False, "remat": "none"}},
+    "v6e": {"mesh": {"data": 1, "fsdp": -1}, "model": {"scan_layers": False, "remat": "none"}},
+    # 'dots' (matmul outputs saved) needs 15.87 GiB of temporaries for XL/2: over 16 GiB HBM.
+    "v5e": {"mesh": {"data": 1, "fsdp": -1}, "model": {"scan_layers": False, "remat": "full"}},
+}
+
 
 def get_config(arg=None):
   a = common.parse_arg(arg, model="XL/2", method="reglue", runlocal=False,
                        features="", bf16=False, online=False, dinov2="", compressor="",
-                       pca="", stats="")
+                       pca="", stats="", tpu="")
   c = common.diffusion_defaults()
   c.model.arch = a.model
   c.method = a.method
@@ -34,8 +47,14 @@ def get_config(arg=None):
   c.data.path = a.features
   if a.bf16:
     c.model.overrides = {"dtype": "bfloat16"}
+  if a.tpu:
+    if a.tpu not in TPU_PRESETS:
+      raise ValueError(f"tpu={a.tpu!r}; one of {sorted(TPU_PRESETS)}")
+    preset = TPU_PRESETS[a.tpu]
+    c.mesh = dict(preset["mesh"])
+    c.model.overrides = {**dict(c.model.overrides), **preset["model"]}
   if a.runlocal:
-    c.batch_size, c.total_steps, c.log_every = 8, 20, 5
-    c.ckpt_every, c.sample_every, c.sample_steps = 10, 0, 10
+    c.train.update(batch_size=8, steps=20, log_every=5, sample_every=0, sample_steps=10)
+    c.checkpoint.every = 10
     c.model.overrides = {"depth": 2, "hidden_size": 64, "num_heads": 2, "encoder_depth": 1}
   return c

@@ -1,25 +1,26 @@
 """GLoD on procedural scenes: a prompt-conditioned SiT trained on CPU, then composed.
 
   python -m glue_jax.main --config=configs/scenes.py --workdir=workdirs/scenes
-  --config=configs/scenes.py:fast        (CI-sized: tiny data, few steps)
+  --config=configs/scenes.py:runlocal    (smoke run: tiny data, few steps)
   --config=configs/scenes.py:steps=6000,batch=256  (longer generator training)
 
-Stages (``glue_jax/scenes.py``): TFDS scenes dataset -> npz of pixel-tokenizer
+Stages (``glue_jax/projects/glod/scenes_pipeline.py``): TFDS scenes dataset -> npz of pixel-tokenizer
 latents + prompt tokens -> ``glue_jax.train.loop.train`` -> probes ->
-composition evaluation (``glue_jax/evaluate_composition.py``).
+composition evaluation (``glue_jax/projects/glod/composition_eval.py``).
 """
 
 import ml_collections
 
 from configs import common
 
-# The scenes vocabulary (glue_jax.data.scenes.VOCAB) has 26 words; id 26 is null.
+# The scenes vocabulary (glue_jax.projects.glod.scene_data.VOCAB) has 26 words; id 26 is null.
 VOCAB_SIZE = 26
 PROMPT_LENGTH = 14
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, fast=False, steps=0, scenes=0, batch=0)
+  a = common.parse_arg(arg, runlocal=False, steps=0, scenes=0, batch=0)
+  fast = a.runlocal
   c = ml_collections.ConfigDict()
   c.kind = "scenes"
   c.seed = 0
@@ -28,10 +29,10 @@ def get_config(arg=None):
       # dataset also draws digit glyphs ("zero".."nine") and cyan/magenta.
       image_size=24, identities=("square", "circle", "triangle", "cross"),
       colours=("red", "green", "blue", "yellow"),
-      min_objects=2, max_objects=3, slots=2, jitter=False, num_train=300 if a.fast else 3000,
-      num_test=32 if a.fast else 200, seed=0))
+      min_objects=2, max_objects=3, slots=2, jitter=False, num_train=300 if fast else 3000,
+      num_test=32 if fast else 200, seed=0))
   c.probes = ml_collections.ConfigDict(dict(
-      crop=12, steps=60 if a.fast else 400, batch_size=128, lr=2e-3))
+      crop=12, steps=60 if fast else 400, batch_size=128, lr=2e-3))
   t = common.diffusion_defaults()
   t.method = "sit"
   t.model.arch = "S/2"
@@ -40,29 +41,24 @@ def get_config(arg=None):
   t.model.overrides = {"depth": 4, "hidden_size": 128, "num_heads": 4,
                        "prompt_length": PROMPT_LENGTH, "prompt_pooled": True,
                        "class_dropout_prob": 0.1}
-  t.data = ml_collections.ConfigDict({"name": "npz", "path": "", "num_classes": VOCAB_SIZE,
-                                      "workers": 0})
+  t.data = common.data_defaults(name="npz", path="", num_classes=VOCAB_SIZE)
   t.first_stage = {"name": "pixel", "factor": 3, "channels": 3, "scale": 1.0, "shift": 0.0}
   # hidden_size must be >= 2*2*27 = 108 outputs per token.  With hidden 96 (the
   # first runs, bench/results/composition_h96*.json) 12 noise directions per
   # token were never removed by the sampler (SiT warns) and samples kept
   # per-pixel noise; 128 removes that bound.
-  t.batch_size = a.batch or (32 if a.fast else 128)
-  t.total_steps = a.steps or (20 if a.fast else 3000)
+  t.train.update(steps=a.steps or (20 if fast else 3000), batch_size=a.batch or (32 if fast else 128),
+                 log_every=10 if fast else 100, ema_decay=0.999, ema_warmup=True,
+                 sample_every=0)   # the trainer's grid sampler draws class labels, not prompts
   t.optim.lr = 1e-3
-  t.ema_decay = 0.999
-  t.ema_warmup = True
-  t.log_every = 10 if a.fast else 100
-  t.ckpt_every = 500
-  t.sample_every = 0         # the trainer's grid sampler draws class labels, not prompts
+  t.checkpoint.every = 500
   t.sampler = {"sampler": "sde", "num_steps": 50, "t_last": 0.04, "cfg_scale": 3.0,
-               "global_cfg_scale": None, "interval": (0.0, 1.0)}
-  t.mesh = {"data": -1, "fsdp": 1}
+               "global_cfg_scale": None, "interval": (0.0, 1.0), "vae_cfg": False}
   c.train = t
   c.eval = ml_collections.ConfigDict(dict(
-      num_scenes=a.scenes or (8 if a.fast else 48), seeds=(0,),
+      num_scenes=a.scenes or (8 if fast else 48), seeds=(0,),
       methods=("global", "single", "composable", "glod_A", "glod_B", "glod_C"),
-      sampler="sde", num_steps=5 if a.fast else 20, batch_size=64,
+      sampler="sde", num_steps=5 if fast else 20, batch_size=64,
       cfg_scale=3.0,            # w_g: global prompt (and the single/global CFG baselines)
       # w_l: local prompts (GLoD) / concept weight (Composable).  With w_l == w_g
       # and one global prompt, variants B and C are the same function.

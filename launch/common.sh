@@ -7,7 +7,7 @@
 #   MODEL, METHOD  configs/reglue.py arguments       (default XL/2, reglue)
 #   FEATURES       feature store root (data.path)    (required for training)
 #   CONFIG_EXTRA   more config arguments, comma-separated (default bf16; '' for float32)
-#   EXTRA_FLAGS    extra absl flags, e.g. "--config.batch_size=256 --config.mesh.fsdp=8"
+#   EXTRA_FLAGS    extra absl flags, e.g. "--config.train.batch_size=256 --config.mesh.fsdp=8"
 #   WORKDIR        checkpoints, logs, samples        (required for training)
 #   PYTHON         interpreter                       (default python3)
 

@@ -12,7 +12,7 @@
 #   FEATURES, WORKDIR       required: feature store root, run directory
 #   MODEL, METHOD           default XL/2, reglue (configs/reglue.py arguments)
 #   CONFIG_EXTRA            more configs/reglue.py arguments (default bf16; '' = float32)
-#   EXTRA_FLAGS             e.g. "--config.batch_size=256 --config.mesh.fsdp=8"
+#   EXTRA_FLAGS             e.g. "--config.train.batch_size=256 --config.mesh.fsdp=8"
 #   CUDA_VISIBLE_DEVICES    which GPUs (default: all)
 #   PYTHON                  interpreter with glue_jax + jax[cuda13] installed (python3)
 #   DRY_RUN=1               print the command instead of running it

@@ -104,7 +104,7 @@ def main():
     emulate_processes(int(mode.partition(":")[2]))
     mesh = {"data": -1, "fsdp": 1}
   cfg = train_utils.tiny_config(features, steps=int(steps), mesh=mesh)
-  cfg.log_every, cfg.ckpt_every = 1, 1000
+  cfg.train.log_every, cfg.checkpoint.every = 1, 1000
   out = loop.train(cfg, workdir)
   result = {"process": jax.process_index(), "processes": jax.process_count(),
             "devices": jax.device_count(), "step": out["step"], "loss": out.get("loss"),

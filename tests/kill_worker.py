@@ -14,7 +14,7 @@ def main():
   from tests import train_utils
   cfg = train_utils.tiny_config(features, steps=int(steps),
                                 mesh={"data": int(data), "fsdp": int(fsdp)})
-  cfg.fault_kill_after_checkpoint = int(kill)
+  cfg.debug.kill_after_checkpoint = int(kill)
   loop.train(cfg, workdir)
 
 

@@ -104,7 +104,7 @@ def test_01_quickstart(tmp_path, monkeypatch):
 
 
 def test_02_digits_demo(tmp_path, monkeypatch):
-  """The notebook trains the demo (configs/demo.py:fast); then the demo's checks."""
+  """The notebook trains the demo (configs/demo.py:runlocal); then the demo's checks."""
   wd = str(tmp_path)
   nb = run_notebook("02_train_digits_demo.ipynb", wd, monkeypatch)
   check_figures(nb, 2)          # loss curves, sample grids
@@ -129,16 +129,16 @@ def test_02_digits_demo(tmp_path, monkeypatch):
   # A second run reuses every stage and resumes training at its end.
   from configs import demo as demo_config
   from glue_jax import main as main_lib
-  cfg = demo_config.get_config("fast")
+  cfg = demo_config.get_config("runlocal")
   with cfg.unlocked():              # as the notebook sets them
-    cfg.train.log_every = 10
-    cfg.train.sample_every = cfg.train.total_steps // 2
-  assert metrics["train"]["step"] == cfg.train.total_steps
+    cfg.train.train.log_every = 10
+    cfg.train.train.sample_every = cfg.train.train.steps // 2
+  assert metrics["train"]["step"] == cfg.train.train.steps
   mtime = os.path.getmtime(os.path.join(wd, "encoder.npz"))
   t0 = time.time()
   again = main_lib.run(cfg, wd)
   assert os.path.getmtime(os.path.join(wd, "encoder.npz")) == mtime
-  assert again["train"]["step"] == cfg.train.total_steps
+  assert again["train"]["step"] == cfg.train.train.steps
   assert time.time() - t0 < 0.5 * 600
 
 

@@ -1,5 +1,5 @@
 """The semantic compressor: official layout, weight port parity, losses, PCA,
-the SemanticEncoder bundle and the compressor training entry point."""
+the SemanticEncoder bundle (the training job: tests/test_compressor_job.py)."""
 
 import numpy as np
 import pytest
@@ -190,36 +190,3 @@ def test_released_stats_load():
   np.testing.assert_allclose(per_layer, [1.09, 1.06, 0.97, 0.85], atol=0.02)
   with pytest.raises(ValueError, match="768"):
     se.load_stats(path, 768)
-
-
-def test_compressor_training_entry_point_resumes(tmp_path):
-  import os
-  import sys
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import compressor as compressor_config
-  from glue_jax import main
-  from glue_jax.models import dinov2_weights
-  vit = dinov2.Dinov2(dinov2.Dinov2Config(dim=16, depth=4, num_heads=2, patch_size=4,
-                                          pos_grid=4), rngs=nnx.Rngs(0))
-  dinov2_weights.save_npz(vit, str(tmp_path / "vit.npz"))
-  cfg = compressor_config.get_config(f"digits,dinov2={tmp_path / 'vit.npz'},epochs=2,"
-                                     "batch_size=256")
-  cfg.hidden_channels = (8,)
-  out = main.run(cfg, str(tmp_path / "run"))
-  hist = out and __import__("json").load(open(tmp_path / "run" / "compressor_history.json"))
-  assert [h["epoch"] for h in hist] == [1, 2]
-  assert all(np.isfinite([h["train_mse"], h["val_mse"]]).all() for h in hist)
-  assert hist[1]["val_mse"] < hist[0]["val_mse"]        # val before epoch 2 < before epoch 1
-  assert os.path.exists(tmp_path / "run" / "compressor_mse.png")
-  lr = [h["lr"] for h in hist]                            # cosine per epoch, T_max 100
-  np.testing.assert_allclose(lr, [1e-3, 1e-4 + 0.9e-3 * (1 + np.cos(np.pi / 100)) / 2], rtol=1e-5)
-  comp = compressor_lib.Compressor(compressor_lib.CompressorConfig(channels=(64, 8, 16)),
-                                   rngs=nnx.Rngs(0))
-  from glue_jax.train import writers
-  writers.load_module(comp, out["compressor"])
-  with cfg.unlocked():
-    cfg.epochs = 3
-  out3 = main.run(cfg, str(tmp_path / "run"))              # resumes after epoch 2
-  hist3 = __import__("json").load(open(tmp_path / "run" / "compressor_history.json"))
-  assert [h["epoch"] for h in hist3] == [1, 2, 3] and hist3[:2] == hist
-  assert out3["epoch"] == 3

@@ -109,7 +109,7 @@ def hf_dirs(tmp_path_factory):
 def test_hf_parity_interpolated(hf_dirs, name):
   """70x70 (and 70x84) inputs on a 4x4 grid: position interpolation is used."""
   hf, d = hf_dirs[name]
-  model = dv.load_dinov2(d)
+  model = dw.load_dinov2(d)
   n_reg = REG if name == "reg" else 0
   assert model.cfg.num_registers == n_reg and model.cfg.pos_interp == "hf"
   for h, w in [(70, 70), (70, 84)][:2 if name == "reg" else 1]:
@@ -119,7 +119,7 @@ def test_hf_parity_interpolated(hf_dirs, name):
 
 def test_hf_parity_native_grid_and_subset(hf_dirs):
   hf, d = hf_dirs["reg"]
-  model = dv.load_dinov2(d)
+  model = dw.load_dinov2(d)
   x = _inputs(2, 56, 56, b=2)
   _check(model, x, _hf_reference(hf, x, REG), indices=(2, 0))
 
@@ -235,15 +235,15 @@ def test_preprocess_matches_torch():
 
 def test_npz_roundtrip(hf_dirs, tmp_path):
   _, d = hf_dirs["reg"]
-  model = dv.load_dinov2(d)
+  model = dw.load_dinov2(d)
   path = str(tmp_path / "m.npz")
-  dv.save_npz(model, path)
-  again = dv.load_dinov2(path)
+  dw.save_npz(model, path)
+  again = dw.load_dinov2(path)
   assert again.cfg == model.cfg
   x = _inputs(1, 70, 70)
   a, b = _features(model, x, range(DEPTH)), _features(again, x, range(DEPTH))
   np.testing.assert_array_equal(a[0]["x_norm_patchtokens"], b[0]["x_norm_patchtokens"])
-  assert dv.load_dinov2(path, pos_interp="hub").cfg.pos_interp == "hub"
+  assert dw.load_dinov2(path, pos_interp="hub").cfg.pos_interp == "hub"
 
 
 def test_hf_key_layouts_agree(hf_dirs):
@@ -325,7 +325,7 @@ def test_from_pretrained_hub_offline(tmp_path, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   t0 = time.time()
   with pytest.raises(RuntimeError, match="dinov2-with-registers-base"):
-    dv.from_pretrained_hub("vitb14_reg", cache_dir=str(tmp_path))
+    dw.from_pretrained_hub("vitb14_reg", cache_dir=str(tmp_path))
   assert time.time() - t0 < 10
 
 
@@ -337,9 +337,9 @@ def _inter(model, x):
 def test_unscanned_and_bf16(hf_dirs):
   _, d = hf_dirs["reg"]
   x = jnp.asarray(_inputs(8, 56, 56, b=1))
-  (ref,), ref_cls = _inter(dv.load_dinov2(d), x)
-  (got,), cls = _inter(dv.load_dinov2(d, scan_layers=False), x)
+  (ref,), ref_cls = _inter(dw.load_dinov2(d), x)
+  (got,), cls = _inter(dw.load_dinov2(d, scan_layers=False), x)
   assert rel_err(got, ref) <= 1e-5 and rel_err(cls, ref_cls) <= 1e-5
-  (low,), _ = _inter(dv.load_dinov2(d, dtype="bfloat16"), x)
+  (low,), _ = _inter(dw.load_dinov2(d, dtype="bfloat16"), x)
   assert low.dtype == jnp.bfloat16
   assert rel_err(low.astype(jnp.float32), ref) < 0.1

@@ -173,6 +173,38 @@ def test_label_modes():
     generate.sample_labels(0, idx, 7, "sorted")
 
 
+def test_label_modes_at_imagenet_scale():
+  """Issue 19 item 7.  Official (REGLUE/REPA generate.py): i.i.d. uniform
+  labels (torch.randint), so 50K samples do not give 50 per class; the
+  balanced option gives exactly 50 of each of 1000 classes."""
+  idx = np.arange(50_000)
+  bal = generate.label_counts(generate.host_labels(0, idx, 1000, "balanced"), 1000)
+  assert bal == {"min": 50, "max": 50, "classes": 1000}
+  rand = generate.host_labels(0, idx, 1000, "random")
+  counts = np.bincount(rand, minlength=1000)
+  # Multinomial(50K, 1/1000): the chi-square statistic has mean 999 and sd
+  # sqrt(2 * 999) ~ 45; 5 sd either side.
+  chi2 = ((counts - 50.0) ** 2 / 50.0).sum()
+  assert abs(chi2 - 999) < 5 * 45, chi2
+  assert counts.min() < 50 < counts.max()
+  assert generate.label_counts(rand, 1000)["max"] == counts.max()
+
+
+def test_metadata_records_labels_and_vae_cfg(model, tmp_path):
+  """The label mode and per-class counts reach metrics.json's result; the
+  vae_cfg switch reaches the sampler (guiding the network's latent channels)."""
+  opts = _opts(tmp_path, labels="balanced", vae_cfg="true", num_samples=10)
+  result = evaluate.sample(opts, model=model)
+  assert result["labels"] == "balanced"
+  assert result["label_counts"] == {"min": 2, "max": 2, "classes": 5}
+  assert result["preset"]["vae_cfg"] is True
+  with open(tmp_path / "shards" / "manifest.json") as f:
+    manifest = json.load(f)
+  assert manifest["labels"] == "balanced" and manifest["preset"]["vae_cfg"] is True
+  with pytest.raises(ValueError, match="vae_cfg"):
+    _opts(tmp_path, vae_cfg="yes").sampler_overrides()
+
+
 def _standin_net():
   """A fixed random projection standing in for the Inception."""
   rng = np.random.default_rng(5)
@@ -195,6 +227,8 @@ def test_score_against_reference_tool(full, tmp_path):
                                      progress=False)
   opts = _opts(tmp_path, reference=ref_path, feature_batch=2)
   result = evaluate.score(full["npz"], opts, feature_net=net)
+  assert result["pr_reference_size"] == N
+  assert result["inception_score_splits"] == "splits of 5000 rows (ADM)"
   assert result["fid"] == pytest.approx(0, abs=1e-6)
   assert result["sfid"] == pytest.approx(0, abs=1e-6)
   assert (result["precision"], result["recall"]) == (1.0, 1.0)
@@ -210,6 +244,49 @@ def test_score_against_reference_tool(full, tmp_path):
   other = features.FeatureNet("other", net.apply, net.params, 8)
   with pytest.raises(reference.ReferenceError, match="feature net 'standin'"):
     evaluate.score(full["npz"], opts, feature_net=other)
+
+
+def _adm_reads(path):
+  """What the ADM evaluator needs of a reference batch (its read_activations
+  opens arr_0 first: uint8 NHWC; read_statistics then takes mu.. if present)."""
+  with np.load(path) as f:
+    return "arr_0" in f.files and f["arr_0"].dtype == np.uint8 and f["arr_0"].ndim == 4
+
+
+def test_reference_stats_layouts(full, tmp_path):
+  """Issue 19 item 6: the default file is a complete ADM reference batch whose
+  P/R reference is every image (ADM's rule); --num_pool keeps the same random
+  subset in pool and arr_0; --no-include_images is glue_jax-only."""
+  from glue_jax.tools import reference_stats
+  net, images = _standin_net(), full["images"]
+  src = f"npz:{full['npz']}"
+  kw = dict(image_size=8, per_device_batch=2, progress=False)
+  default = reference_stats.compute(src, net, out=str(tmp_path / "d.npz"), **kw)
+  with np.load(default) as f:
+    assert set(f.files) == {"arr_0", "mu", "sigma", "mu_s", "sigma_s", "pool",
+                            "feature_net", "num_images"}
+    np.testing.assert_array_equal(f["arr_0"], images)
+    assert int(f["num_images"]) == N
+  assert _adm_reads(default)
+  ref = reference.load(default)
+  assert ref.num_images == N and len(ref.pool) == N and ref.pool_indices is None
+  sub = reference_stats.compute(src, net, out=str(tmp_path / "s.npz"), num_pool=5, seed=3,
+                                **kw)
+  keep = reference.pool_subset(N, 5, 3)
+  with np.load(sub) as f:
+    np.testing.assert_array_equal(f["arr_0"], images[keep])
+    np.testing.assert_array_equal(f["pool_indices"], keep)
+    np.testing.assert_allclose(f["pool"], reference.load(default).pool[keep], rtol=1e-6)
+    np.testing.assert_array_equal(f["mu"], reference.load(default).mu)   # all images
+  assert _adm_reads(sub)
+  bare = reference_stats.compute(src, net, out=str(tmp_path / "b.npz"), include_images=False,
+                                 **kw)
+  assert not _adm_reads(bare)
+  assert reference.load(bare).num_images is None and len(reference.load(bare).pool) == N
+  np.savez(tmp_path / "mixed.npz", mu=ref.mu, sigma=ref.sigma, pool=ref.pool[:4],
+           arr_0=images)
+  with pytest.raises(reference.ReferenceError, match="pool has 4 rows but arr_0 13"):
+    reference.load(str(tmp_path / "mixed.npz"))
 
 
 def test_adm_reference_batch(full, tmp_path):

@@ -300,7 +300,7 @@ def test_precompute_cli_demo_preset_then_training(tiny, digits_dir, tmp_path):
   tc = train_utils.tiny_config("", steps=2, batch=8)
   tc.data = ml_collections.ConfigDict({"name": "feature_store", "path": out,
                                        "num_classes": 10, "workers": 0})
-  tc.ckpt_every = 2
+  tc.checkpoint.every = 2
   with pytest.raises(FileNotFoundError, match="no feature store for split 'train'"):
     loop.train(tc, str(tmp_path / "run0"))
   os.rename(os.path.join(out, "test_40"), os.path.join(out, "train"))

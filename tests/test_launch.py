@@ -123,7 +123,7 @@ def test_every_script_parses_and_is_documented():
 @pytest.mark.parametrize("script", TRAINERS)
 @pytest.mark.parametrize("model,method", [(None, None), ("B/2", "h")])
 def test_training_command_is_valid(script, model, method):
-  env = dict(BASE_ENV, EXTRA_FLAGS="--config.batch_size=512 --config.mesh.fsdp=4")
+  env = dict(BASE_ENV, EXTRA_FLAGS="--config.train.batch_size=512 --config.mesh.fsdp=4")
   if model:
     env.update(MODEL=model, METHOD=method)
   r = dry_run(script, **env)
@@ -136,7 +136,7 @@ def test_training_command_is_valid(script, model, method):
   assert cfg.data.path == env["FEATURES"]
   assert cfg.model.overrides["dtype"] == "bfloat16"       # default CONFIG_EXTRA=bf16
   overrides = [a for a in cmd if a.startswith("--config.")]
-  assert overrides == ["--config.batch_size=512", "--config.mesh.fsdp=4"]
+  assert overrides == ["--config.train.batch_size=512", "--config.mesh.fsdp=4"]
   for flag in overrides:
     check_override(cfg, flag)
   assert f"--workdir={env['WORKDIR']}" in cmd

@@ -14,6 +14,7 @@ from glue_jax.models import dinov2, dinov2_weights, pca as pca_lib
 from glue_jax.models import semantic_encoder as se
 from glue_jax.train import loop, writers
 from glue_jax.train import step as step_lib
+from glue_jax.transport import objective
 from tests import train_utils
 
 
@@ -104,13 +105,13 @@ def test_every_method_trains(tmp_path, method):
     arrays["semantic"] = arrays["semantic"][..., :8]
   np.savez(feats, **arrays)
   cfg = train_utils.tiny_config(feats, method=method, steps=20, batch=16)
-  cfg.log_every, cfg.ckpt_every, cfg.optim.lr = 10, 30, 3e-3
+  cfg.train.log_every, cfg.checkpoint.every, cfg.optim.lr = 10, 30, 3e-3
   cfg.model.overrides = dict(cfg.model.overrides, class_dropout_prob=0.0)
   run = loop.build(cfg)
   state = step_lib.init_state(loop.init_params(run, 0), run.tx)
   ex = [run.source[i] for i in range(16)]
   batch = {k: np.stack([e[k] for e in ex]) for k in ex[0]}
-  step = jax.jit(step_lib.make_train_step(run.graphdef, run.tx, run.step_cfg))
+  step = jax.jit(objective.make_train_step(run.graphdef, run.tx, run.step_cfg))
   hist = []
   for i in range(20):
     state, met = step(state, batch, jax.random.key(0))

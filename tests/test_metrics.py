@@ -33,14 +33,46 @@ def _adm_inception_score(probs, split_size):
 
 
 @pytest.mark.parametrize("n", [1000, 1005])
-def test_inception_score_matches_adm_formula(n):
+def test_inception_score_n_over_10_option(n):
+  """``num_splits=10``: the N/10-row rule (not ADM's unless N = 50,000)."""
   logits = np.random.default_rng(n).normal(scale=3.0, size=(n, 37))
   probs = np.exp(logits - logits.max(1, keepdims=True))
   probs /= probs.sum(1, keepdims=True)
   split = -(-n // 10)
-  assert len(metrics.inception_score_splits(logits)) == 10
-  assert metrics.inception_score(logits) == pytest.approx(
+  assert len(metrics.inception_score_splits(logits, num_splits=10)) == 10
+  assert metrics.inception_score(logits, num_splits=10) == pytest.approx(
       _adm_inception_score(probs, split), rel=1e-10)
+
+
+def _is_logits(n, k, seed):
+  """Class-structured logits (also the generator of the ADM goldens below)."""
+  rng = np.random.default_rng(seed)
+  cls = rng.integers(0, k, n)
+  return rng.normal(scale=1.5, size=(n, k)) + 4.0 * np.eye(k)[cls] * rng.uniform(0.2, 1.0, (n, 1))
+
+
+# Issue 19 item 5.  Goldens: the ADM evaluator's compute_inception_score
+# (openai/guided-diffusion evaluations/evaluator.py, split_size=5000), run
+# once unmodified outside this repository with its softmax placeholder fed
+# float32 `_is_logits(n, 100, seed=n)` (TF float32 softmax).  We compute in
+# float64: agreement to float32 rounding, rel 1e-6; the N/10 rule differs by
+# 0.23% (12K) and 2.9% (1005).
+ADM_IS = {12000: 3.155344009399414, 1005: 3.184436321258545}
+
+
+@pytest.mark.parametrize("n", sorted(ADM_IS))
+def test_inception_score_matches_adm_evaluator(n):
+  logits = _is_logits(n, 100, n).astype(np.float32)
+  assert metrics.inception_score(logits) == pytest.approx(ADM_IS[n], rel=1e-6)
+  assert len(metrics.inception_score_splits(logits)) == -(-n // 5000)
+  other = metrics.inception_score(logits, num_splits=10)
+  assert abs(other / ADM_IS[n] - 1) > 2e-3
+
+
+def test_inception_score_rules_agree_at_50k():
+  logits = np.random.default_rng(0).normal(size=(50_000, 5))
+  np.testing.assert_array_equal(metrics.inception_score_splits(logits),
+                                metrics.inception_score_splits(logits, num_splits=10))
 
 
 # ------------------------------------------------------- precision / recall
@@ -104,6 +136,35 @@ def test_half_precision_distances_and_fallback():
   want = ((big[:, None] - big[None]) ** 2).sum(-1)
   np.testing.assert_allclose(d, want, rtol=1e-5, atol=1e-3 * want.max())
   assert metrics.precision_recall(big, big * 1.0, half=True) == (1.0, 1.0)
+
+
+# Issue 19 item 6.  Goldens: the ADM evaluator's compute_prec_recall
+# (ManifoldEstimator, float16 DistanceBlock), run once unmodified outside this
+# repository on `_pr_features()`: all 300 reference rows (ADM's rule), and the
+# 100 rows of reference.pool_subset(300, 100, seed=0).  Features lie on a
+# 1/4 grid, exact in float16, so the answers are exact.
+ADM_PR_ALL = (0.965, 0.5833333333333334)
+ADM_PR_SUBSET = (0.955, 0.58)
+
+
+def _pr_features():
+  rng = np.random.default_rng(7)
+  ref = np.round(rng.normal(size=(300, 8)) * 4) / 4
+  smp = np.round(rng.normal(loc=0.3, scale=0.8, size=(200, 8)) * 4) / 4
+  return ref, smp
+
+
+def test_precision_recall_matches_adm_on_all_reference_rows():
+  from glue_jax.eval import reference
+  ref, smp = _pr_features()
+  assert metrics.precision_recall(ref, smp) == ADM_PR_ALL
+  full = reference.from_features({"pool": ref}, tag="t")          # default: all rows
+  assert full.pool_indices is None and len(full.pool) == 300
+  assert metrics.precision_recall(full.pool, smp) == ADM_PR_ALL
+  sub = reference.from_features({"pool": ref}, tag="t", num_pool=100, seed=0)
+  np.testing.assert_array_equal(sub.pool_indices, reference.pool_subset(300, 100, 0))
+  assert metrics.precision_recall(sub.pool, smp) == ADM_PR_SUBSET
+  np.testing.assert_array_equal(sub.mu, full.mu)                  # stats from all rows
 
 
 def test_all_metrics_with_reference_object():

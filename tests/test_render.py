@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glue_jax.data import multiview
-from glue_jax.render import rays
+from glue_jax.projects.lainr import multiview_data as multiview
+from glue_jax.projects.lainr import volume_rendering as rays
 
 
 def test_camera_rays_geometry():
@@ -156,20 +156,26 @@ def test_shapenet_loader_layout(tmp_path):
 
 def test_nvs_training_step_lowers_loss():
   from configs import lainr as lainr_configs
-  from glue_jax import lainr
   from glue_jax.models import lainr as lainr_lib
-  from glue_jax.render import nvs
-  c = lainr_configs.get_config("task=nvs,fast")
-  c.nvs.update(image_size=8, patch_size=4, num_samples=8, rays_per_instance=32, batch_size=4)
+  from glue_jax.projects.lainr import novel_views
+  from glue_jax.projects.lainr import radiance_field as nvs
+  from glue_jax.train import step as step_lib
+  c = lainr_configs.get_config("task=nvs,runlocal")
+  c.nvs.update(image_size=8, patch_size=4, num_samples=8, rays_per_instance=32)
   data = multiview.procedural(4, 3, 8, seed=0)
-  mcfg, rcfg = lainr.nvs_setup(c)
+  mcfg, rcfg = novel_views.setup(c)
   assert (mcfg.in_channels, mcfg.coord_dim, mcfg.out_dim) == (9, 3, 4)
   graphdef, params = lainr_lib.init(mcfg, 0)
-  tx = lainr.make_optimizer(lr=3e-3)
-  step = jax.jit(nvs.make_step(graphdef, tx, rcfg, 32))
-  batch = nvs.nvs_batch(data, 0, 0, 4, 1, 2)
+  tx = step_lib.make_optimizer(lr=3e-3, grad_clip=0.0)
+  step = jax.jit(step_lib.make_step(nvs.make_loss(graphdef, rcfg, 32), tx))
+  rng = np.random.default_rng(0)
+  views = [nvs.choose_views(1, 2, {k: data[k][i] for k in ("images", "poses", "focal")}, rng)
+           for i in range(4)]
+  batch = {k: np.stack([v[k] for v in views]) for k in views[0]}
   assert batch["support"].shape == (4, 1, 8, 8, 3) and batch["query"].shape == (4, 2, 8, 8, 3)
-  state = lainr.init_state(params, tx)
+  with pytest.raises(ValueError, match="views per object"):
+    nvs.choose_views(2, 2, {k: data[k][0] for k in ("images", "poses", "focal")}, rng)
+  state = step_lib.init_state(params, tx, ema=False)
   losses = []
   for _ in range(10):
     state, m = step(state, batch, jax.random.key(0))

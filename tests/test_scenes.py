@@ -6,20 +6,21 @@ import numpy as np
 import pytest
 
 from configs import scenes as scenes_config
-from glue_jax import evaluate_composition as ec
-from glue_jax import scenes as scenes_run
-from glue_jax.data import scenes
-from glue_jax.eval import probes as probes_lib
+from glue_jax.projects.glod import composition_cli
+from glue_jax.projects.glod import composition_eval as ec
+from glue_jax.projects.glod import scenes_pipeline as scenes_run
+from glue_jax.projects.glod import scene_data as scenes
+from glue_jax.projects.glod import probes as probes_lib
 
 
 def tiny_scenes_config():
-  """configs/scenes.py:fast on the `built` data (12 + 4 scenes), a 1-block SiT, 2 steps."""
-  c = scenes_config.get_config("fast")
+  """configs/scenes.py:runlocal on the `built` data (12 + 4 scenes), a 1-block SiT, 2 steps."""
+  c = scenes_config.get_config("runlocal")
   with c.unlocked():
     c.data.num_train, c.data.num_test, c.data.seed = 12, 4, 3
     c.train.model.overrides = {**dict(c.train.model.overrides), "depth": 1,
                                "hidden_size": 32, "num_heads": 2}
-    c.train.batch_size, c.train.total_steps, c.train.log_every = 8, 2, 1
+    c.train.train.update(batch_size=8, steps=2, log_every=1)
   return c
 
 
@@ -164,7 +165,7 @@ def test_relation_probe_logic_and_crops():
 
 def test_scenes_kind_end_to_end_and_evaluation_cli(built, tmp_path, capsys):
   """``config.kind='scenes'`` through glue_jax.main.run (dataset -> features ->
-  trainer -> probes -> composition scores), then the evaluate_composition CLI on
+  trainer -> probes -> composition scores), then the composition CLI on
   the finished workdir with layout guidance; global-only and GLoD with zero local
   weights give the same images."""
   import json
@@ -188,13 +189,13 @@ def test_scenes_kind_end_to_end_and_evaluation_cli(built, tmp_path, capsys):
   assert os.path.exists(os.path.join(wd, "composition_samples.png"))
 
   out = str(tmp_path / "cli.json")
-  assert ec.main([f"--workdir={wd}", "--methods=glod_B_layout", "--seeds=0,1",
+  assert composition_cli.main([f"--workdir={wd}", "--methods=glod_B_layout", "--seeds=0,1",
                   f"--out={out}"]) == 0
   cli = json.load(open(out))
   assert len(cli["methods"]["glod_B_layout"]["leakage"]["per_seed"]) == 2
   assert "glod_B_layout" in capsys.readouterr().out
   with pytest.raises(SystemExit, match="unknown methods"):
-    ec.main([f"--workdir={wd}", "--methods=nope"])
+    composition_cli.main([f"--workdir={wd}", "--methods=nope"])
 
   ctx = scenes_run.load(wd)
   ev = ctx.config.eval
@@ -206,9 +207,17 @@ def test_scenes_kind_end_to_end_and_evaluation_cli(built, tmp_path, capsys):
   np.testing.assert_array_equal(a, b)
 
 
-def test_minibatches_need_a_full_batch():
-  from glue_jax.train import fit
-  with pytest.raises(ValueError, match="fewer than batch_size=16"):
-    next(fit.batches_from({"image": np.zeros((12, 2))}, 16, 0))
-  b = next(fit.batches_from({"image": np.arange(12)}, 4, 0))
-  assert b["image"].shape == (4,) and len(set(b["image"])) == 4
+def test_minibatches_need_a_full_batch(tmp_path):
+  """An auxiliary network (probes, demo stages) with fewer examples than one
+  batch is an error naming the data, not an endless wait."""
+  from flax import nnx
+  from glue_jax.models import layers
+  from glue_jax.train import module_fit
+  import optax
+  m = layers.Dense(2, 1, rngs=nnx.Rngs(0), axes=(None, None))
+  loss = lambda mod, batch, key: (mod(batch["x"]) ** 2).mean()
+  with pytest.raises(ValueError, match="12 examples per process < per-process batch 16"):
+    module_fit.fit(m, loss, {"x": np.zeros((12, 2), np.float32)}, workdir=str(tmp_path / "a"),
+                   name="tiny", steps=2, batch_size=16, tx=optax.sgd(0.1))
+  module_fit.fit(m, loss, {"x": np.ones((12, 2), np.float32)}, workdir=str(tmp_path / "b"),
+                 name="tiny", steps=2, batch_size=8, tx=optax.sgd(0.1))

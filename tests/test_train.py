@@ -12,6 +12,7 @@ from glue_jax import models, sharding
 from glue_jax.train import checkpoint as ckpt_lib
 from glue_jax.train import loop, parallel
 from glue_jax.train import step as step_lib
+from glue_jax.transport import objective
 from tests import train_utils
 
 
@@ -29,7 +30,7 @@ def test_sharded_step_equals_single_device(features):
   cfg = train_utils.tiny_config(features, mesh={"data": 4, "fsdp": 2})
   run = loop.build(cfg)
   params = loop.init_params(run, 0)
-  step = step_lib.make_train_step(run.graphdef, run.tx, run.step_cfg)
+  step = objective.make_train_step(run.graphdef, run.tx, run.step_cfg)
   key = jax.random.key(0)
   batch = _batch(run)
   with jax.set_mesh(run.mesh), sharding.logical_rules(run.rules, run.mesh):
@@ -134,7 +135,7 @@ def test_restore_onto_a_different_mesh(features, tmp_path):
 def test_config_mismatch_is_clear_error(features, tmp_path):
   wd = str(tmp_path / "run")
   cfg = train_utils.tiny_config(features, steps=3)
-  cfg.profile_steps = (1, 2)
+  cfg.train.profile_steps = (1, 2)
   out = loop.train(cfg, wd)
   assert os.listdir(os.path.join(wd, "profile"))            # a trace was written
   aot = out["aot"]                                         # AOT memory analysis at start-up
@@ -159,7 +160,7 @@ def test_loaded_model_from_training_run_samples(features, tmp_path):
 def test_sigterm_checkpoints_and_exits_then_resumes(features, tmp_path):
   wd = str(tmp_path / "preempt")
   cfg = train_utils.tiny_config(features, steps=6)
-  cfg.fault_sigterm_at_step = 2
+  cfg.debug.sigterm_at_step = 2
   out = loop.train(cfg, wd)
   assert out["step"] == 2
   assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).all_steps() == [2]

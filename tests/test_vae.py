@@ -78,7 +78,7 @@ def saved_state_dict(directory):
 
 
 def test_parity_diffusers_directory(reference):
-  model = vae_lib.load_vae(reference["dir"])
+  model = vw.load_vae(reference["dir"])
   check_outputs(model, reference)
   if "no_quant" in reference["dir"]:
     return  # sampling is config-independent; spare a compilation
@@ -107,7 +107,7 @@ def test_parity_legacy_attention_keys(reference, tmp_path, as_conv):
     sd[k] = v
   assert renamed == 16  # 4 projections x (weight, bias) x encoder/decoder
   directory = copy_with_state_dict(reference["dir"], str(tmp_path / "legacy"), sd)
-  check_outputs(vae_lib.load_vae(directory), reference)
+  check_outputs(vw.load_vae(directory), reference)
 
 
 def test_single_file_with_config(reference, tmp_path):
@@ -115,17 +115,17 @@ def test_single_file_with_config(reference, tmp_path):
     config = json.load(f)
   path = str(tmp_path / "vae.bin")
   torch.save(saved_state_dict(reference["dir"]), path)
-  check_outputs(vae_lib.load_vae(path, config), reference)
+  check_outputs(vw.load_vae(path, config), reference)
   st = os.path.join(reference["dir"], WEIGHTS)
-  model = vae_lib.load_vae(st, vae_lib.VAEConfig.from_diffusers(config))
+  model = vw.load_vae(st, vae_lib.VAEConfig.from_diffusers(config))
   check_outputs(model, reference)
 
 
 def test_npz_roundtrip(reference, tmp_path):
-  model = vae_lib.load_vae(reference["dir"])
+  model = vw.load_vae(reference["dir"])
   path = str(tmp_path / "vae.npz")
   vw.save_npz(model, path)
-  again = vae_lib.load_vae(path)
+  again = vw.load_vae(path)
   assert again.cfg == model.cfg and again is not model
   a, b = tw.flat_params(model), tw.flat_params(again)
   assert sorted(a) == sorted(b)
@@ -144,15 +144,15 @@ def test_missing_and_unexpected_keys_are_named(reference, tmp_path):
   d1 = copy_with_state_dict(reference["dir"], str(tmp_path / "missing"), missing)
   with pytest.raises(tw.WeightsError,
                      match=r"missing.*decoder\.up_blocks\.1\.resnets\.0\.conv_shortcut\.weight"):
-    vae_lib.load_vae(d1)
+    vw.load_vae(d1)
   extra = dict(sd, **{"encoder.bogus.weight": torch.zeros(3)})
   d2 = copy_with_state_dict(reference["dir"], str(tmp_path / "extra"), extra)
   with pytest.raises(tw.WeightsError, match=r"unexpected.*encoder\.bogus\.weight"):
-    vae_lib.load_vae(d2)
+    vw.load_vae(d2)
   bad = dict(sd, **{"encoder.conv_in.weight": torch.zeros(32, 3, 5, 5)})
   d3 = copy_with_state_dict(reference["dir"], str(tmp_path / "bad"), bad)
   with pytest.raises(tw.WeightsError, match=r"encoder/conv_in/kernel"):
-    vae_lib.load_vae(d3)
+    vw.load_vae(d3)
 
 
 def test_legacy_and_current_names_conflict():

@@ -26,16 +26,11 @@ def tiny_config(features_path, *, method="reglue", steps=6, batch=8, mesh=None):
   c.model.arch = "S/2"
   c.model.overrides = {"depth": 2, "hidden_size": 32, "num_heads": 2, "encoder_depth": 1,
                        "projector_dim": 16}
-  c.data = ml_collections.ConfigDict({"name": "npz", "path": features_path,
-                                      "num_classes": 5, "workers": 0})
+  c.data = common.data_defaults(name="npz", path=features_path, num_classes=5)
   c.first_stage = {"name": "pixel", "factor": 2, "channels": 1, "scale": 1.0, "shift": 0.0}
-  c.batch_size = batch
-  c.total_steps = steps
-  c.log_every = 2
-  c.ckpt_every = 3
-  c.sample_every = 0
+  c.train.update(batch_size=batch, steps=steps, log_every=2, sample_every=0, ema_decay=0.9,
+                 transfer_guard="disallow")   # no implicit host<->device transfer in the hot loop
+  c.checkpoint.every = 3
   c.optim.lr = 1e-3
-  c.ema_decay = 0.9
   c.mesh = mesh or {"data": -1, "fsdp": 1}
-  c.transfer_guard = "disallow"   # no implicit host<->device transfer in the hot loop
   return c

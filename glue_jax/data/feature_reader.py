@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from glue_jax.data import imagenet
 from glue_jax.data.feature_store import (
     INDEX_BYTES, FORMAT, VERSION, FeatureStoreError, Layout, ManifestMismatchError, config_diff,
     read_json, file_sha256, record_index, shard_done, split_dirname)
@@ -244,7 +245,6 @@ def open_source(cfg, split: str = "train") -> FeatureStoreSource:
   images = None
   img_cfg = get("images")
   if img_cfg:
-    from glue_jax.data import imagenet
     img_cfg = dict(img_cfg)
     ds = manifest["dataset"]
     images, fp = imagenet.open_image_source(

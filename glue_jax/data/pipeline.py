@@ -43,7 +43,7 @@ def make_dataset(source, *, batch_size: int, seed: int, process_index: int = 0,
                  num_epochs: int | None = None, drop_remainder: bool = True,
                  worker_count: int = 0, with_index: bool = False,
                  filter_none: bool = False, read_threads: int = 0,
-                 prefetch_buffer_size: int = 0):
+                 prefetch_buffer_size: int = 0, random_map=None):
   """A checkpointable per-process Grain ``IterDataset`` of batches.
 
   Args:
@@ -53,6 +53,10 @@ def make_dataset(source, *, batch_size: int, seed: int, process_index: int = 0,
     with_index: adds each example's global index as ``'index'``.
     filter_none: drops examples the source returns as None (e.g. skipped
       corrupt images) before batching, so batches stay full.
+    random_map: ``f(example, rng) -> example`` applied after shuffling and
+      repeating (random crops, view choices): Grain seeds ``rng`` from
+      ``seed`` and the element's position, so every epoch draws anew and a
+      resumed iterator draws the same values.
     worker_count: Grain worker processes (``mp_prefetch``); 0 reads in this
       process.
     read_threads, prefetch_buffer_size: ``grain.ReadOptions`` of each reading
@@ -72,6 +76,8 @@ def make_dataset(source, *, batch_size: int, seed: int, process_index: int = 0,
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
+  if random_map is not None:
+    ds = ds.random_map(_skip_none(random_map), seed=seed)
   threads = read_threads or grain.ReadOptions().num_threads
   buffer = prefetch_buffer_size or (grain.ReadOptions().prefetch_buffer_size if filter_none
                                     else max(threads, 2))
@@ -90,6 +96,12 @@ def make_dataset(source, *, batch_size: int, seed: int, process_index: int = 0,
 
 def _add_index(i, ex):
   return None if ex is None else {**ex, "index": np.int64(i)}
+
+
+def _skip_none(fn):
+  def f(ex, rng):
+    return None if ex is None else fn(ex, rng)
+  return f
 
 
 def _not_none(ex) -> bool:

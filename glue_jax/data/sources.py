@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from glue_jax.data import feature_reader
 from glue_jax.data.pipeline import ArraySource
 
 REQUIRED = ("label",)
@@ -39,7 +40,6 @@ def build(cfg, split: str = "train"):
       arrays = {k: v for k, v in arrays.items() if k in set(keep) | {"label"}}
     return ArraySource(arrays, name=path)
   if name == "feature_store":
-    from glue_jax.data import feature_reader
     return feature_reader.open_source(cfg, split)
   raise ValueError(f"unknown data source {name!r}; 'npz' or 'feature_store'")
 

@@ -31,7 +31,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from glue_jax.data import digits
+from glue_jax.eval import features
 from glue_jax.models import layers
+from glue_jax.train import module_fit
 
 FORMAT_VERSION = 1
 NUM_CLASSES = 10
@@ -116,7 +119,6 @@ class DigitsClassifier:
 
   def feature_net(self):
     """This classifier as a :class:`glue_jax.eval.features.FeatureNet`."""
-    from glue_jax.eval import features
     return features.FeatureNet(f"digits{self.image_size}-cnn-seed{self.meta['seed']}",
                                _apply, self.params, self.image_size)
 
@@ -151,10 +153,10 @@ def _load(path: str) -> tuple[dict, dict]:
 
 def train(image_size: int = 16, seed: int = 0, *, steps: int = 500,
           batch_size: int = 128, lr: float = 2e-3,
-          weight_decay: float = 1e-2) -> DigitsClassifier:
-  """Trains on the digits train split; returns the classifier (not saved)."""
-  from glue_jax.data import digits
-  from glue_jax.train import fit as fit_lib
+          weight_decay: float = 1e-2, workdir: str) -> DigitsClassifier:
+  """Trains on the digits train split with the one trainer (checkpoints in
+  ``workdir``, so an interrupted training resumes); returns the classifier
+  (not saved)."""
   data = digits.load("train", image_size)
   graphdef = _graphdef()
   state = jax.jit(lambda: nnx.state(DigitsCNN(rngs=nnx.Rngs(seed))))()
@@ -170,10 +172,12 @@ def train(image_size: int = 16, seed: int = 0, *, steps: int = 500,
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
   sched = optax.cosine_decay_schedule(lr, steps, alpha=0.05)
-  fit_lib.fit(module, loss_fn, fit_lib.batches_from(data, batch_size, seed),
-              steps=steps, tx=optax.adamw(sched, weight_decay=weight_decay), seed=seed,
-              desc="digits classifier",
-              log_every=max(steps // 4, 1))
+  settings = {"image_size": image_size, "seed": seed, "steps": steps, "batch_size": batch_size,
+              "lr": lr, "weight_decay": weight_decay}
+  module_fit.fit(module, loss_fn, {"image": data["image"], "label": data["label"]},
+                 workdir=workdir, name="digits classifier", steps=steps,
+                 batch_size=batch_size, tx=optax.adamw(sched, weight_decay=weight_decay),
+                 seed=seed, log_every=max(steps // 4, 1), meta=settings)
   params = nnx.to_pure_dict(nnx.state(module))
   clf = DigitsClassifier(params, image_size, {})
   test = digits.load("test", image_size)
@@ -204,6 +208,6 @@ def load_or_train(path: str, image_size: int = 16, seed: int = 0, *,
       raise ValueError(f"{path}: cached digits classifier does not match "
                        f"(stored, wanted): {bad}; delete it or pass another path")
     return DigitsClassifier(params, image_size, meta)
-  clf = train(image_size, seed, steps=steps, **train_kwargs)
+  clf = train(image_size, seed, steps=steps, workdir=path + ".run", **train_kwargs)
   _save(path, clf.params, clf.meta)
   return clf

@@ -7,7 +7,7 @@ A :class:`FeatureNet` maps uint8 NHWC images to
 - ``logits``: (B, K) class logits for the Inception Score,
 
 through a pure ``apply(params, images)`` (jitted here, batch sharded over a
-1-D ``'data'`` mesh, parameters replicated).  Two are built in:
+1-D ``'data'`` mesh, parameters replicated).  Two exist:
 
 - :func:`inception`: the Flax FID Inception (:mod:`glue_jax.models.inception`).
   ``mode='adm'`` reproduces the ADM evaluator's TF graph on [0, 255] pixels:
@@ -15,7 +15,8 @@ through a pure ``apply(params, images)`` (jitted here, batch sharded over a
   ``pool3 @ W`` without the fc bias.  ``mode='pytorch_fid'`` is
   pytorch-fid's preprocessing (``2 x / 255 - 1``, half-pixel resize) and
   the logits with bias.
-- :func:`digits`: the small CNN of :mod:`glue_jax.eval.digits_classifier`.
+- the small CNN of :mod:`glue_jax.eval.digits_classifier`
+  (``digits_classifier.load_or_train(path).feature_net()``).
 
 :attr:`FeatureNet.tag` names the feature space; reference statistics carry
 it, so statistics of one network are never compared with another's.
@@ -31,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from glue_jax.models import inception_weights
 
 KEYS = ("pool", "spatial", "logits")
 
@@ -54,7 +57,6 @@ class FeatureNet:
 
 def inception(weights: str | None = None, *, mode: str = "adm", model=None) -> FeatureNet:
   """The FID Inception as a :class:`FeatureNet` (weights file or a model)."""
-  from glue_jax.models import inception_weights
   if mode not in ("adm", "pytorch_fid"):
     raise ValueError(f"inception mode {mode!r}: 'adm' or 'pytorch_fid'")
   if model is None:
@@ -77,13 +79,6 @@ def inception(weights: str | None = None, *, mode: str = "adm", model=None) -> F
     return {"pool": out["pool3"], "spatial": spatial.reshape(spatial.shape[0], -1),
             "logits": logits}
   return FeatureNet(f"inception-{mode}", apply, nnx.to_pure_dict(state), None)
-
-
-def digits(path: str, image_size: int = 16, seed: int = 0) -> FeatureNet:
-  """The digits classifier (trained and cached at ``path`` when absent)."""
-  from glue_jax.eval import digits_classifier
-  return digits_classifier.load_or_train(path, image_size=image_size,
-                                         seed=seed).feature_net()
 
 
 # -------------------------------------------------------------- extraction

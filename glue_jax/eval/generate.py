@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from glue_jax.eval import features as features_lib
 from glue_jax.eval.sample_store import SampleStore, StoreError
-from glue_jax.sampling import presets, samplers
+from glue_jax.models import first_stage as first_stage_lib
+from glue_jax.sampling import presets, sample_from_keys, samplers
 
 LABEL_MODES = ("random", "balanced", "null")
 _LABEL_STREAM = 0x1ABE1        # fold-in constant: labels' own random stream
@@ -39,10 +40,13 @@ _LABEL_STREAM = 0x1ABE1        # fold-in constant: labels' own random stream
 def sample_labels(seed: int, indices, num_classes: int, mode: str = "random"):
   """Class label of each sample index (jittable).
 
-  ``random``: uniform in ``[0, num_classes)`` from ``(seed, i)`` (the official
-  code draws labels uniformly, not class-balanced); ``balanced``:
-  ``i % num_classes``; ``null``: the null label ``num_classes``
-  (unconditional sampling).
+  ``random`` (default, official): uniform in ``[0, num_classes)`` from
+  ``(seed, i)``, independent per sample (REGLUE/REPA ``generate.py`` draw
+  ``torch.randint(0, num_classes, (n,))`` per batch: not class-balanced);
+  ``balanced``: ``i % num_classes`` (every class ``N / num_classes`` times when
+  that divides, e.g. 50 each for 50K ImageNet samples; otherwise the first
+  ``N % num_classes`` classes get one more); ``null``: the null label
+  ``num_classes`` (unconditional sampling).
   """
   idx = jnp.asarray(indices)
   if mode == "random":
@@ -65,6 +69,13 @@ def host_labels(seed: int, indices, num_classes: int, mode: str) -> np.ndarray:
 _labels_jit = jax.jit(sample_labels, static_argnums=(2, 3))
 
 
+def label_counts(labels, num_classes: int) -> dict:
+  """``{'min', 'max', 'classes'}``: samples per class and classes present."""
+  counts = np.bincount(np.asarray(labels), minlength=num_classes + 1)[:num_classes]
+  return {"min": int(counts.min()), "max": int(counts.max()),
+          "classes": int((counts > 0).sum())}
+
+
 def _first_stage_parts(first_stage):
   """``(hashable static description, VAE graphdef | None, VAE params | None)``."""
   static = (first_stage.name, float(first_stage.scale), float(first_stage.shift),
@@ -83,14 +94,14 @@ def _program(graphdef, fs_static, vae_graphdef, preset, seed: int, label_mode: s
 
   Cached on its (hashable) inputs so evaluations of one model share compiles.
   """
-  from glue_jax.models import first_stage as first_stage_lib
 
   def run(params, fs_params, idx):
     keys = samplers.per_sample_keys(seed, idx)
     y = sample_labels(seed, idx, num_classes, label_mode)
-    x1, g1 = samplers.initial_noise(keys, spatial, global_dim)
     apply = lambda x, t, yy, g: nnx.merge(graphdef, params)(x, t, yy, g)
-    x0, _ = presets.make_sampler(apply, preset, null_label=num_classes)(x1, g1, y, keys)
+    x0, _ = sample_from_keys.sample(apply, preset, y, keys, spatial_shape=spatial,
+                                    global_dim=global_dim, null_label=num_classes,
+                                    latent_channels=latent_channels)
     vae = None if vae_graphdef is None else nnx.merge(vae_graphdef, fs_params)
     fs = first_stage_lib.FirstStage(*fs_static, vae=vae)
     return fs.decode_uint8(x0[..., :latent_channels]), y

@@ -1,9 +1,11 @@
 """Sample-quality metrics as the ADM evaluator defines them (guided-diffusion).
 
 - Inception Score: ``exp(mean_i KL(p(y|x_i) || p(y)))`` per split, averaged
-  over splits.  ADM slices 5,000 predictions per split (10 splits for 50K);
-  here the split size is ``ceil(N / num_splits)``, identical for N = 50,000.
-  ADM's class probabilities are ``softmax(pool3 @ W)`` without the fc bias
+  over splits.  Default split rule = ADM's (``compute_inception_score``,
+  ``split_size=5000``): consecutive slices of 5,000 predictions, the last one
+  shorter when N is not a multiple (10 splits for 50K; 5000/5000/2000 for
+  12K).  ``num_splits=S`` instead uses ``ceil(N / S)`` rows per split (the
+  "N/10" rule of other IS code); both agree at N = 50,000 only.  ADM's class probabilities are ``softmax(pool3 @ W)`` without the fc bias
   (see :mod:`glue_jax.eval.features`); we work from logits with
   ``log_softmax`` in float64 (ADM: ``log(softmax)`` in float32).
 - Improved precision/recall (Kynkaanniemi et al. 2019, ADM's
@@ -39,12 +41,22 @@ BLOCK = 10_000             # ADM: row_batch_size = col_batch_size = 10000
 
 # ------------------------------------------------------------ inception score
 
-def inception_score_splits(logits, num_splits: int = 10) -> np.ndarray:
-  """Per-split Inception Scores of class ``logits`` (N, K)."""
+IS_SPLIT_SIZE = 5_000      # ADM: compute_inception_score(split_size=5000)
+
+
+def inception_score_splits(logits, num_splits: int | None = None, *,
+                           split_size: int = IS_SPLIT_SIZE) -> np.ndarray:
+  """Per-split Inception Scores of class ``logits`` (N, K).
+
+  Splits of ``split_size`` rows (ADM); ``num_splits`` given (> 0): splits of
+  ``ceil(N / num_splits)`` rows instead.
+  """
   logits = np.asarray(logits, np.float64)
   if logits.ndim != 2 or len(logits) < 1:
     raise ValueError(f"inception score: logits must be (N, K), got {logits.shape}")
-  split = math.ceil(len(logits) / num_splits)
+  split = math.ceil(len(logits) / num_splits) if num_splits else int(split_size)
+  if split < 1:
+    raise ValueError(f"inception score: split size {split} < 1")
   scores = []
   for i in range(0, len(logits), split):
     logp = special.log_softmax(logits[i:i + split], axis=1)
@@ -55,9 +67,10 @@ def inception_score_splits(logits, num_splits: int = 10) -> np.ndarray:
   return np.asarray(scores)
 
 
-def inception_score(logits, num_splits: int = 10) -> float:
+def inception_score(logits, num_splits: int | None = None, *,
+                    split_size: int = IS_SPLIT_SIZE) -> float:
   """ADM's Inception Score: the mean of :func:`inception_score_splits`."""
-  return float(np.mean(inception_score_splits(logits, num_splits)))
+  return float(np.mean(inception_score_splits(logits, num_splits, split_size=split_size)))
 
 
 # ------------------------------------------------------------------ distances
@@ -214,13 +227,16 @@ def spatial_flat(spatial) -> np.ndarray:
   return s.reshape(len(s), -1)
 
 
-def all_metrics(sample_feats: dict, reference, *, num_splits: int = 10,
-                k: int = NEIGHBOURHOOD, half: bool = True) -> dict:
+def all_metrics(sample_feats: dict, reference, *, num_splits: int | None = None,
+                split_size: int = IS_SPLIT_SIZE, k: int = NEIGHBOURHOOD,
+                half: bool = True) -> dict:
   """FID, sFID, IS, precision and recall where the inputs allow them.
 
   Args:
     sample_feats: ``{'pool': (N, D), 'spatial': (N, S), 'logits': (N, K)}``
       (any may be absent).
+    num_splits, split_size: the Inception Score's split rule (see
+      :func:`inception_score_splits`; default ADM's 5,000-row splits).
     reference: a :class:`glue_jax.eval.reference.Reference`-like object with
       ``mu, sigma, mu_s, sigma_s, pool`` (any may be None).
   """
@@ -233,7 +249,8 @@ def all_metrics(sample_feats: dict, reference, *, num_splits: int = 10,
     out["sfid"] = fid_from_features(spatial_flat(spatial), reference.mu_s,
                                     reference.sigma_s)
   if sample_feats.get("logits") is not None:
-    out["inception_score"] = inception_score(sample_feats["logits"], num_splits)
+    out["inception_score"] = inception_score(sample_feats["logits"], num_splits,
+                                             split_size=split_size)
   if pool is not None and getattr(reference, "pool", None) is not None:
     out["precision"], out["recall"] = precision_recall(
         reference.pool, pool, k, half=half)

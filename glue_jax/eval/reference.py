@@ -1,20 +1,41 @@
 """Reference statistics: ADM reference batches and our own ``reference_stats``.
 
-An ADM reference batch (e.g. ``VIRTUAL_imagenet256_labeled.npz``) holds
+Keys (any subset; statistics float64):
 
-- ``mu``, ``sigma``: pool_3 statistics (FID),
-- ``mu_s``, ``sigma_s``: spatial ``mixed_6/conv[..., :7]`` statistics (sFID),
-- ``arr_0``: the reference images (uint8 NHWC; 10K for ImageNet), whose
-  pool features are the reference manifold of precision/recall.
+- ``mu``, ``sigma``: pool_3 statistics (FID);
+- ``mu_s``, ``sigma_s``: spatial ``mixed_6/conv[..., :7]`` statistics (sFID);
+- ``arr_0``: reference images (uint8 NHWC);
+- ``pool``: float32 reference features for precision/recall (glue_jax only);
+- ``feature_net`` (feature-space tag), ``num_images`` (images behind the
+  statistics), ``pool_indices`` (which source images ``pool``/``arr_0`` are,
+  when they are a subset) (glue_jax only).
 
-Files written by ``python -m glue_jax.tools.reference_stats`` have the same
-keys plus ``pool`` (float32 reference features for precision/recall, so the
-images need not be stored), ``feature_net`` (the feature space's tag) and
-``num_images``.  The ADM evaluator reads their ``mu``.. keys alike.
+What the ADM evaluator (guided-diffusion ``evaluations/evaluator.py``) does
+with a reference file: it ALWAYS opens ``arr_0`` first and runs its Inception
+on every image (a file without ``arr_0`` fails: "missing arr_0"); it takes
+FID/sFID statistics from ``mu``.. when present (else from those activations),
+and computes precision/recall (k=3) against the activations of ALL ``arr_0``
+images (no subsampling).  We do the same.  The layouts:
 
-Statistics are float64.  When a file lacks ``pool`` its ``arr_0`` images are
-run through the feature network (:func:`complete`); when it lacks ``mu``
-those features give the statistics.
+1. ADM reference batch (e.g. ``VIRTUAL_imagenet256_labeled.npz``: ``arr_0``
+   = 10K images + ``mu``..): ADM: all metrics.  glue_jax: all metrics; FID/sFID
+   from the stored statistics, P/R on features of all ``arr_0`` images
+   (:func:`complete` computes them, cannot be skipped).
+2. ``reference_stats`` default (``arr_0`` + ``mu``.. + ``pool`` + tags):
+   a complete ADM reference batch.  ADM: all metrics.  glue_jax: all metrics
+   without re-extracting features; ``pool`` holds the features of exactly the
+   ``arr_0`` images, so both evaluators compute P/R on the same images.
+3. ``reference_stats --num_pool=M`` (M < N images): ``mu``.. from all N
+   images; ``pool`` and ``arr_0`` hold the same random M (``pool_indices``).
+   ADM and glue_jax then agree (P/R on those M), but neither equals P/R on all
+   N (ADM's own rule for an N-image ``arr_0``).
+4. ``reference_stats --no-include_images`` (no ``arr_0``): glue_jax only (all
+   metrics, P/R on ``pool``); the ADM evaluator cannot read it.
+5. Statistics only (``mu``.. without ``pool`` or ``arr_0``): glue_jax FID/sFID
+   only; not readable by ADM.
+
+Only Inception features (``feature_net`` ``inception-adm``) are comparable
+with ADM's numbers; other tags (digits) are glue_jax's own feature spaces.
 """
 
 from __future__ import annotations
@@ -44,6 +65,7 @@ class Reference:
   pool: np.ndarray | None = None         # reference features for precision/recall
   tag: str | None = None                 # feature space; None: ADM file (Inception)
   num_images: int | None = None          # images in arr_0 (None: no images)
+  pool_indices: np.ndarray | None = None  # source indices of pool (None: all)
 
 
 def load(path: str) -> Reference:
@@ -60,6 +82,8 @@ def load(path: str) -> Reference:
       ref.pool = np.asarray(f["pool"], np.float32)
     if "feature_net" in keys:
       ref.tag = str(f["feature_net"])
+    if "pool_indices" in keys:
+      ref.pool_indices = np.asarray(f["pool_indices"], np.int64)
   if (ref.mu is None) != (ref.sigma is None) or (ref.mu_s is None) != (ref.sigma_s is None):
     raise ReferenceError(f"{path}: has only one of mu/sigma or mu_s/sigma_s ({sorted(keys)})")
   for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
@@ -72,6 +96,10 @@ def load(path: str) -> Reference:
     if len(shape) != 4 or dtype != np.uint8:
       raise ReferenceError(f"{path}: arr_0 is {dtype} {shape}, want uint8 NHWC")
     ref.num_images = int(shape[0])
+    if ref.pool is not None and len(ref.pool) != ref.num_images:
+      raise ReferenceError(f"{path}: pool has {len(ref.pool)} rows but arr_0 "
+                           f"{ref.num_images} images (ADM computes precision/recall "
+                           "on all arr_0 images)")
   if ref.mu is None and ref.pool is None and ref.num_images is None:
     raise ReferenceError(f"{path}: no statistics (mu, sigma), features (pool) or "
                          f"images (arr_0); has {sorted(keys)}")
@@ -104,35 +132,53 @@ def complete(ref: Reference, extractor, *, batch_size: int = 500,
   return out
 
 
-def from_features(feats: dict, *, tag: str, path: str = "", num_pool: int = 10_000,
+def pool_subset(n: int, num_pool: int = 0, seed: int = 0) -> np.ndarray | None:
+  """Sorted random ``num_pool`` of ``n`` indices; ``None`` (all) when
+  ``num_pool`` is 0 or at least ``n``."""
+  if num_pool <= 0 or num_pool >= n:
+    return None
+  return np.sort(np.random.default_rng(seed).choice(n, num_pool, replace=False))
+
+
+def from_features(feats: dict, *, tag: str, path: str = "", num_pool: int = 0,
                   seed: int = 0) -> Reference:
-  """Statistics of all features; ``num_pool`` random pool vectors kept for P/R."""
+  """Statistics of all features; P/R features of all (ADM), or of
+  :func:`pool_subset` when ``num_pool`` is smaller than the set."""
   pool = np.asarray(feats["pool"], np.float32)
   ref = Reference(path, tag=tag)
   ref.mu, ref.sigma = frechet.statistics(pool)
   if feats.get("spatial") is not None:
     ref.mu_s, ref.sigma_s = frechet.statistics(feats["spatial"])
-  if len(pool) > num_pool:
-    keep = np.sort(np.random.default_rng(seed).choice(len(pool), num_pool, replace=False))
-    pool = pool[keep]
-  ref.pool = pool
+  keep = pool_subset(len(pool), num_pool, seed)
+  ref.pool = pool if keep is None else pool[keep]
+  ref.pool_indices = keep
   return ref
+
+
+def arrays(ref: Reference, num_images: int | None = None) -> dict:
+  """The ``.npz`` arrays of ``ref`` (all but images)."""
+  out = {k: getattr(ref, k) for k in STAT_KEYS if getattr(ref, k) is not None}
+  if ref.pool is not None:
+    out["pool"] = np.asarray(ref.pool, np.float32)
+  if ref.pool_indices is not None:
+    out["pool_indices"] = np.asarray(ref.pool_indices, np.int64)
+  if ref.tag is not None:
+    out["feature_net"] = np.asarray(ref.tag)
+  if num_images is not None:
+    out["num_images"] = np.asarray(num_images, np.int64)
+  return out
 
 
 def save(ref: Reference, path: str, *, images: np.ndarray | None = None,
          num_images: int | None = None) -> str:
-  """Writes ``ref`` (and optionally ``arr_0`` images) atomically."""
-  arrays = {k: getattr(ref, k) for k in STAT_KEYS if getattr(ref, k) is not None}
-  if ref.pool is not None:
-    arrays["pool"] = np.asarray(ref.pool, np.float32)
-  if ref.tag is not None:
-    arrays["feature_net"] = np.asarray(ref.tag)
-  if num_images is not None:
-    arrays["num_images"] = np.asarray(num_images, np.int64)
-  if images is not None:
-    arrays["arr_0"] = np.asarray(images, np.uint8)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  """Writes ``ref`` (and optionally ``arr_0`` images) atomically.
+
+  ``images`` must be the images of ``ref.pool`` (layouts 2-3 above) for the
+  two evaluators to agree on precision/recall.
+  """
+  with sample_store.NpzWriter(path) as w:
+    for k, v in arrays(ref, num_images).items():
+      w.add(k, v)
+    if images is not None:
+      w.add("arr_0", np.asarray(images, np.uint8))
   return path

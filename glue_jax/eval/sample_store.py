@@ -210,6 +210,69 @@ def _jsonable(x):
 
 # --------------------------------------------------------------- npz streaming
 
+class NpzWriter:
+  """An uncompressed ``.npz`` written array by array (some streamed in batches).
+
+  Written under a temporary name and renamed into place when the ``with``
+  block ends without an error (removed otherwise).  ``np.savez``'s layout:
+  ADM's reader and ``np.load`` read it.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._tmp = f"{path}.tmp-{os.getpid()}"
+
+  def __enter__(self) -> "NpzWriter":
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    self._zf = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED,
+                               allowZip64=True)
+    return self
+
+  def add(self, name: str, array) -> None:
+    with self._zf.open(f"{name}.npy", "w", force_zip64=True) as out:
+      np.lib.format.write_array(out, np.asarray(array), allow_pickle=False)
+
+  def stream(self, name: str, shape, dtype=np.uint8) -> "_ArrayStream":
+    """A writer of ``name`` (``shape``) from batches along axis 0."""
+    return _ArrayStream(self, name, tuple(int(s) for s in shape), np.dtype(dtype))
+
+  def __exit__(self, exc_type, *exc):
+    try:
+      self._zf.close()
+      if exc_type is None:
+        os.replace(self._tmp, self.path)
+    finally:
+      if os.path.exists(self._tmp):
+        os.remove(self._tmp)
+
+
+class _ArrayStream:
+  def __init__(self, writer: NpzWriter, name: str, shape, dtype):
+    self.writer, self.name, self.shape, self.dtype = writer, name, shape, dtype
+    self.written = 0
+    self._out = writer._zf.open(f"{name}.npy", "w", force_zip64=True)
+    np.lib.format.write_array_header_2_0(
+        self._out, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                    "shape": shape})
+
+  def write(self, batch) -> int:
+    """Writes rows of ``batch`` up to the declared count; returns rows taken."""
+    batch = np.ascontiguousarray(batch)
+    if batch.dtype != self.dtype or tuple(batch.shape[1:]) != self.shape[1:]:
+      raise StoreError(f"{self.writer.path}: batch {batch.dtype} {batch.shape} does not "
+                       f"match {self.dtype} {self.shape}")
+    take = min(len(batch), self.shape[0] - self.written)
+    self._out.write(batch[:take].tobytes())
+    self.written += take
+    return take
+
+  def close(self) -> None:
+    self._out.close()
+    if self.written != self.shape[0]:
+      raise StoreError(f"{self.writer.path}: only {self.written} of {self.shape[0]} "
+                       f"rows of {self.name!r} supplied")
+
+
 def write_npz_streaming(path: str, shape, batches: Iterable[tuple[np.ndarray, np.ndarray]]
                         ) -> str:
   """Writes ``arr_0`` (uint8 ``shape``) and ``arr_1`` (int labels) from batches.
@@ -219,35 +282,19 @@ def write_npz_streaming(path: str, shape, batches: Iterable[tuple[np.ndarray, np
   add up to ``shape[0]`` images of ``shape[1:]``.
   """
   shape = tuple(int(s) for s in shape)
-  tmp = f"{path}.tmp-{os.getpid()}"
   all_labels = []
-  written = 0
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  try:
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-      with zf.open("arr_0.npy", "w", force_zip64=True) as out:
-        np.lib.format.write_array_header_2_0(
-            out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                  "fortran_order": False, "shape": shape})
-        for images, labels in batches:
-          images = np.ascontiguousarray(images)
-          if images.dtype != np.uint8 or tuple(images.shape[1:]) != shape[1:]:
-            raise StoreError(f"{path}: batch {images.dtype} {images.shape} does not "
-                             f"match uint8 {shape}")
-          take = min(len(images), shape[0] - written)
-          out.write(images[:take].tobytes())
-          all_labels.append(np.asarray(labels)[:take])
-          written += take
-          if written == shape[0]:
-            break
-      if written != shape[0]:
-        raise StoreError(f"{path}: only {written} of {shape[0]} images supplied")
-      with zf.open("arr_1.npy", "w", force_zip64=True) as out:
-        np.lib.format.write_array(out, np.concatenate(all_labels).astype(np.int64))
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with NpzWriter(path) as w:
+    arr = w.stream("arr_0", shape, np.uint8)
+    for images, labels in batches:
+      take = arr.write(images)
+      all_labels.append(np.asarray(labels)[:take])
+      if arr.written == shape[0]:
+        break
+    try:
+      arr.close()
+    except StoreError as e:
+      raise StoreError(f"{path}: only {arr.written} of {shape[0]} images supplied") from e
+    w.add("arr_1", np.concatenate(all_labels).astype(np.int64))
   return path
 
 

@@ -6,9 +6,10 @@ import dataclasses
 
 from flax import nnx
 
+from glue_jax.models import sit
+
 
 def _registry():
-  from glue_jax.models import sit
   return {"sit": (sit.SiTConfig, sit.SiT)}
 
 

@@ -344,24 +344,3 @@ class Dinov2(nnx.Module):
       maps.append(patches.reshape(b, gh, gw, -1))
       cls = c
     return maps, cls
-
-
-# Loading helpers live in dinov2_weights; re-exported lazily here.
-def load_dinov2(path: str, variant: str | None = None,
-                registers: bool | None = None, **overrides: Any) -> Dinov2:
-  """See :func:`glue_jax.models.dinov2_weights.load_dinov2`."""
-  from glue_jax.models import dinov2_weights
-  return dinov2_weights.load_dinov2(path, variant=variant, registers=registers,
-                                    **overrides)
-
-
-def save_npz(model: Dinov2, path: str) -> None:
-  """See :func:`glue_jax.models.dinov2_weights.save_npz`."""
-  from glue_jax.models import dinov2_weights
-  dinov2_weights.save_npz(model, path)
-
-
-def from_pretrained_hub(name: str, **kwargs: Any) -> Dinov2:
-  """See :func:`glue_jax.models.dinov2_weights.from_pretrained_hub`."""
-  from glue_jax.models import dinov2_weights
-  return dinov2_weights.from_pretrained_hub(name, **kwargs)

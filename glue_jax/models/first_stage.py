@@ -13,7 +13,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from glue_jax.models import pixel_tokenizer
+from glue_jax.models import pixel_tokenizer, vae_weights
 
 
 @dataclasses.dataclass
@@ -50,8 +50,7 @@ def build(cfg: dict) -> FirstStage:
     return FirstStage("pixel", float(cfg.get("scale", 1.0)), float(cfg.get("shift", 0.0)),
                       factor=int(cfg.get("factor", 2)), channels=int(cfg.get("channels", 3)))
   if name == "vae":
-    from glue_jax.models import vae
-    model = vae.load_vae(cfg["path"])
+    model = vae_weights.load_vae(cfg["path"])
     return FirstStage("vae", float(cfg.get("scale", 0.18215)), float(cfg.get("shift", 0.0)),
                       vae=model)
   raise ValueError(f"unknown first stage {name!r}; 'pixel' or 'vae'")

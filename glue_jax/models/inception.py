@@ -18,8 +18,7 @@ resized to 299x299 with ``F.interpolate(mode='bilinear', align_corners=False)``
 sFID features of the ADM evaluator.
 
 Weights: see :mod:`glue_jax.models.inception_weights` (``load_inception``,
-``save_npz``, ``random_inception``; also reachable as attributes of this
-module).  Nothing is ever downloaded implicitly.
+``save_npz``, ``random_inception``).  Nothing is ever downloaded implicitly.
 """
 
 from __future__ import annotations
@@ -241,7 +240,7 @@ class FIDInception(nnx.Module):
 
   Args:
     rngs: initialiser keys (weights are meant to be loaded, see
-      :func:`load_inception`).
+      :func:`glue_jax.models.inception_weights.load_inception`).
     num_classes: width of ``fc`` (1008 for the FID weights).
     dtype: compute dtype (parameters and BatchNorm statistics stay float32).
   """
@@ -330,15 +329,3 @@ class FIDInception(nnx.Module):
   def logits_without_bias(self, pool3: jax.Array) -> jax.Array:
     """``pool3 @ W`` without the fc bias, as the ADM evaluator's IS graph."""
     return jnp.dot(pool3, self.fc.kernel[...])
-
-
-_WEIGHT_API = ("load_inception", "save_npz", "random_inception",
-               "download_fid_weights", "inception_mapping", "FID_WEIGHTS_URL")
-
-
-def __getattr__(name: str):
-  """Forwards the weight I/O API of :mod:`glue_jax.models.inception_weights`."""
-  if name in _WEIGHT_API:
-    from glue_jax.models import inception_weights
-    return getattr(inception_weights, name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

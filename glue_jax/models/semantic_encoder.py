@@ -27,7 +27,9 @@ import numpy as np
 from flax import nnx
 
 from glue_jax.models import compressor as compressor_lib
+from glue_jax.models import compressor_weights
 from glue_jax.models import dinov2
+from glue_jax.models import dinov2_weights
 from glue_jax.models import pca as pca_lib
 
 
@@ -163,7 +165,6 @@ def identity(module: nnx.Module) -> str:
 
 
 def _load_dinov2(path: str):
-  from glue_jax.models import dinov2_weights
   return dinov2_weights.load_dinov2(path)
 
 
@@ -190,7 +191,6 @@ def from_config(cfg) -> SemanticEncoder:
   ``stats`` (npz/pth of the stack's mean/std), ``compressor`` (official
   ``.pth`` or ours), ``pca`` (a ``PCAProjection`` npz).
   """
-  from glue_jax.models import compressor_weights
   if not cfg.get("dinov2"):
     raise ValueError("features.dinov2: path to the encoder weights is required for "
                      "online features / precompute")

@@ -25,7 +25,7 @@ import re
 
 import numpy as np
 
-from glue_jax.models import sit
+from glue_jax.models import layers, sit
 from glue_jax.models.torch_weights import WeightsError, linear
 
 
@@ -131,7 +131,6 @@ def convert(sd: dict, cfg: sit.SiTConfig, *, where: str = "checkpoint") -> dict:
   m["final_linear/kernel"] = linear(get("final_layer.linear.weight"))
   m["final_linear/bias"] = get("final_layer.linear.bias")
 
-  from glue_jax.models import layers
   ours_pos = layers.sincos_2d(d, cfg.grid_size, 1 if cfg.global_token_dim else 0)
   theirs_pos = get("pos_embed").reshape(ours_pos.shape)
   if not np.allclose(ours_pos, theirs_pos, atol=1e-5):

@@ -342,9 +342,3 @@ def jit_method(model: nnx.Module, name: str) -> Callable[..., Any]:
   """
   graphdef, state = nnx.split(model)
   return functools.partial(_run_method, graphdef, name, state)
-
-
-def load_vae(path: str, config: Any = None, **kwargs: Any) -> AutoencoderKL:
-  """Loads weights; see :func:`glue_jax.models.vae_weights.load_vae`."""
-  from glue_jax.models import vae_weights
-  return vae_weights.load_vae(path, config, **kwargs)

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glue_jax.sampling import samplers
+from glue_jax.sampling import sample_from_keys
 from glue_jax.sampling.guidance import ApplyFn, VelocityFn
 
 Array = jax.Array
@@ -319,9 +319,12 @@ def composed_velocity(apply_fn: ApplyFn, *, local_interval: tuple[float, float] 
   """
   lo, hi = local_interval
 
-  def vel(x, g, t, conds: Conditions):
+  def vel(x, g, t, conds: Conditions, guide_t=None):
+    # guide_t: the time the interval is tested at (Heun's corrector: t_cur,
+    # as REPA's sampler decides its guidance interval).
+    tg = t if guide_t is None else guide_t
     v_all, vg_all = _evaluate(apply_fn, x, g, t, conds, batch_conditions)
-    local_on = jnp.logical_and(t >= lo, t <= hi).astype(jnp.float32)
+    local_on = jnp.logical_and(tg >= lo, tg <= hi).astype(jnp.float32)
     v = compose(v_all.astype(jnp.float32), conds, local_on)
     v_g = None if vg_all is None else compose_global_token(
         vg_all.astype(jnp.float32), conds, global_token_weights)
@@ -357,10 +360,6 @@ def sample(apply_fn: ApplyFn, conds: Conditions, keys: Array, spatial_shape, glo
   ``velocity_kw`` go to :func:`composed_velocity`.
   """
   vel = composed_velocity(apply_fn, **velocity_kw)
-  x1, g1 = samplers.initial_noise(keys, tuple(spatial_shape), global_dim)
-  if sampler == "sde":
-    return samplers.euler_maruyama(vel, x1, g1, conds, keys, num_steps=num_steps,
-                                   t_last=t_last)
-  if sampler == "ode":
-    return samplers.heun(vel, x1, g1, conds, num_steps=num_steps)
-  raise ValueError(f"unknown sampler {sampler!r}; 'sde' or 'ode'")
+  return sample_from_keys.sample_velocity(vel, keys, conds, spatial_shape=spatial_shape,
+                                          global_dim=global_dim, sampler=sampler,
+                                          num_steps=num_steps, t_last=t_last)

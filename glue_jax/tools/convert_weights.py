@@ -20,6 +20,8 @@ import argparse
 import os
 import sys
 
+from glue_jax.models import dinov2_weights, inception_weights, vae_weights
+
 
 def convert(kind: str, out: str, src: str | None = None, hub: str | None = None,
             variant: str | None = None) -> str:
@@ -28,13 +30,13 @@ def convert(kind: str, out: str, src: str | None = None, hub: str | None = None,
   if bool(src) == bool(hub):
     raise ValueError("give exactly one of --src and --hub")
   if kind == "dinov2":
-    from glue_jax.models import dinov2_weights as w
+    w = dinov2_weights
     model = w.from_pretrained_hub(hub) if hub else w.load_dinov2(src, variant)
   elif kind == "vae":
-    from glue_jax.models import vae_weights as w
+    w = vae_weights
     model = w.from_pretrained_hub(hub) if hub else w.load_vae(src)
   elif kind == "inception":
-    from glue_jax.models import inception_weights as w
+    w = inception_weights
     if hub:
       raise ValueError("inception weights come from pytorch-fid's .pth (--src)")
     model = w.load_inception(src)

@@ -43,7 +43,10 @@ import numpy as np
 from flax import nnx
 
 from glue_jax.data import feature_store, imagenet
-from glue_jax.models import pixel_tokenizer
+from glue_jax.models import compressor as compressor_lib
+from glue_jax.models import compressor_weights, dinov2_weights, pixel_tokenizer, vae_weights
+from glue_jax.models import semantic_encoder as se
+from glue_jax.train import parallel, writers
 
 OUTPUTS = ("first_stage", "semantic", "cls", "align_target")
 
@@ -138,15 +141,15 @@ def make_extractor(first_stage: Component | None, semantic: Component | None = N
 
   jitted = jax.jit(fn)
   devices = jax.local_devices()
-  parallel = data_parallel and len(devices) > 1
-  if parallel:
+  sharded = data_parallel and len(devices) > 1
+  if sharded:
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     params = jax.device_put(params, jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
 
   def extract(images):
-    if parallel and isinstance(images, np.ndarray) and len(images) % len(devices) == 0:
+    if sharded and isinstance(images, np.ndarray) and len(images) % len(devices) == 0:
       images = jax.device_put(images, batch_sharding)
     return jitted(params, images)
 
@@ -165,9 +168,6 @@ def load_compressor(path: str):
   """A trained compressor: our ``.npz`` (``writers.save_module``: the demo's and
   ``compressor_train``'s output; channels read off the conv kernels) or the
   official checkpoint (``compressor_weights.load_compressor``)."""
-  from glue_jax.models import compressor as compressor_lib
-  from glue_jax.models import compressor_weights
-  from glue_jax.train import writers
   if not os.path.exists(path):
     raise FileNotFoundError(f"compressor weights {path} not found")
   if path.endswith(".npz"):
@@ -195,8 +195,6 @@ def build_module(make):
 
 def build_extractor(config):
   """``(extract, identity)`` from a ``configs/precompute.py`` config."""
-  from glue_jax.models import dinov2_weights
-  from glue_jax.models import semantic_encoder as se
   outputs = tuple(config.outputs)
   fs_cfg = config.first_stage
   first = None
@@ -204,8 +202,7 @@ def build_extractor(config):
     if fs_cfg.name == "pixel":
       first = pixel_first_stage(int(fs_cfg.factor))
     elif fs_cfg.name == "vae":
-      from glue_jax.models import vae
-      first = vae_first_stage(vae.load_vae(fs_cfg.path), path=os.path.abspath(fs_cfg.path))
+      first = vae_first_stage(vae_weights.load_vae(fs_cfg.path), path=os.path.abspath(fs_cfg.path))
     else:
       raise ValueError(f"first_stage.name={fs_cfg.name!r}; 'pixel' or 'vae'")
   semantic = None
@@ -234,7 +231,6 @@ def build_extractor(config):
 def run(config, out: str, *, process_index: int | None = None,
         process_count: int | None = None, fault_after_shards: int | None = None) -> dict:
   """Precomputes one split into ``<out>/<split>``; returns a summary."""
-  from glue_jax.train import parallel
   if process_index is None:
     parallel.maybe_initialize_distributed(config.get("distributed"))
     process_index, process_count = jax.process_index(), jax.process_count()

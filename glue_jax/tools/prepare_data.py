@@ -25,12 +25,13 @@ import json
 import os
 import sys
 
+from glue_jax.data import imagenet
+
 DATASETS = ("digits", "imagenet2012")
 
 
 def prepare(dataset: str, data_dir: str, manual_dir: str | None = None) -> dict:
   """Builds ``dataset`` under ``data_dir`` (a no-op when already prepared)."""
-  from glue_jax.data import imagenet
   if dataset not in DATASETS:
     raise ValueError(f"unknown dataset {dataset!r}; one of {DATASETS}")
   if dataset == "imagenet2012":

@@ -13,11 +13,19 @@ Sources: ``digits:<split>`` (``glue_jax.data.digits`` at ``--image_size``),
 while the short side is >= 2x the size, bicubic-resize the short side to the
 size, take the centre crop).
 
-The output ``.npz`` has the ADM reference keys ``mu, sigma, mu_s, sigma_s``
-(float64) plus ``pool`` (up to ``--num_pool`` random reference features for
-precision/recall; ADM uses a 10K reference batch), ``feature_net`` and
-``num_images``; ``--include_images`` also stores the images as ``arr_0``
-(then the file is a complete ADM reference batch).
+By default the output ``.npz`` is a complete ADM reference batch, as the
+ADM evaluator reads one: ``arr_0`` (the images, streamed to disk, uint8 NHWC)
+and ``mu, sigma, mu_s, sigma_s`` (float64, of all images), plus ``pool``
+(float32 features of the ``arr_0`` images: glue_jax's precision/recall
+reference, so it need not re-run the network), ``feature_net`` and
+``num_images``.  Precision/recall then use every image, as ADM does for any
+reference batch.
+
+``--num_pool=M`` keeps a random M of the images (``--seed``) in ``pool`` and
+``arr_0`` (listed in ``pool_indices``); the statistics stay those of all
+images.  ``--no-include_images`` omits ``arr_0``: a smaller file that only
+glue_jax can read (ADM's evaluator opens ``arr_0`` first and fails).  See
+``glue_jax.eval.reference`` for what each layout supports.
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ import sys
 from typing import Iterator
 
 import numpy as np
+
+from glue_jax import evaluate
+from glue_jax.data import digits
+from glue_jax.eval import features, reference, sample_store
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".JPEG")
 
@@ -59,13 +71,11 @@ def open_source(spec: str, image_size: int, max_images: int = 0,
   """``(number of images, iterator of uint8 NHWC batches)`` of a source spec."""
   kind, _, rest = spec.partition(":")
   if kind == "digits":
-    from glue_jax.data import digits
     images = digits.load(rest or "test", image_size)["image"]
     if max_images:
       images = images[:max_images]
     return len(images), (images[i:i + batch_size] for i in range(0, len(images), batch_size))
   if kind == "npz":
-    from glue_jax.eval import sample_store
     path, _, key = rest.partition(":")
     key = key or "arr_0"
     shape, dtype = sample_store.npz_array_info(path, key)
@@ -90,26 +100,42 @@ def open_source(spec: str, image_size: int, max_images: int = 0,
   raise ValueError(f"--source {spec!r}: digits:<split>, npz:<path>[:<key>] or folder:<dir>")
 
 
-def compute(source: str, net, *, image_size: int, out: str, num_pool: int = 10_000,
-            include_images: bool = False, max_images: int = 0, mesh=None,
+def compute(source: str, net, *, image_size: int, out: str, num_pool: int = 0,
+            include_images: bool = True, max_images: int = 0, mesh=None,
             per_device_batch: int = 64, seed: int = 0, progress: bool = True) -> str:
-  """Features of ``source`` -> reference ``.npz`` at ``out``; returns ``out``."""
-  from tqdm import tqdm
-  from glue_jax.eval import features, reference
-  n, batches = open_source(source, image_size, max_images)
-  kept = []
+  """Features of ``source`` -> reference ``.npz`` at ``out``; returns ``out``.
 
-  def tee(it):
-    for b in it:
-      if include_images:
-        kept.append(np.asarray(b))
-      yield b
+  ``num_pool`` (0: all) and ``include_images``: see the module docstring.
+  """
+  from tqdm import tqdm
+  n, batches = open_source(source, image_size, max_images)
+  keep = reference.pool_subset(n, num_pool, seed)
   extractor = features.Extractor(net, mesh, per_device_batch)
-  with tqdm(total=n, unit="img", desc="reference features", disable=not progress) as bar:
-    feats = extractor(tee(batches), progress=bar)
-  ref = reference.from_features(feats, tag=net.tag, path=out, num_pool=num_pool, seed=seed)
-  images = np.concatenate(kept) if include_images else None
-  return reference.save(ref, out, images=images, num_images=len(feats["pool"]))
+  with sample_store.NpzWriter(out) as writer:
+    stream = []
+
+    def tee(it):
+      pos = 0
+      for b in it:
+        b = np.asarray(b)
+        if include_images:
+          if not stream:
+            rows = n if keep is None else len(keep)
+            stream.append(writer.stream("arr_0", (rows,) + b.shape[1:], np.uint8))
+          idx = np.arange(pos, pos + len(b))
+          stream[0].write(b if keep is None else b[np.isin(idx, keep)])
+        pos += len(b)
+        yield b
+    with tqdm(total=n, unit="img", desc="reference features", disable=not progress) as bar:
+      feats = extractor(tee(batches), progress=bar)
+    if len(feats["pool"]) != n:
+      raise ValueError(f"--source {source}: announced {n} images, read {len(feats['pool'])}")
+    if stream:
+      stream[0].close()
+    ref = reference.from_features(feats, tag=net.tag, path=out, num_pool=num_pool, seed=seed)
+    for k, v in reference.arrays(ref, num_images=n).items():
+      writer.add(k, v)
+  return out
 
 
 def main(argv=None) -> int:
@@ -125,14 +151,14 @@ def main(argv=None) -> int:
   p.add_argument("--inception_mode", default="adm", choices=["adm", "pytorch_fid"])
   p.add_argument("--digits_classifier", default="",
                  help="digits classifier cache file (trained there if absent)")
-  p.add_argument("--num_pool", type=int, default=10_000)
-  p.add_argument("--include_images", action="store_true")
+  p.add_argument("--num_pool", type=int, default=0,
+                 help="random reference images kept for precision/recall (0: all, as ADM)")
+  p.add_argument("--include_images", action=argparse.BooleanOptionalAction, default=True,
+                 help="store the images as arr_0 (needed by the ADM evaluator)")
   p.add_argument("--max_images", type=int, default=0)
   p.add_argument("--per_device_batch", type=int, default=64)
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args(argv)
-  from glue_jax import evaluate
-  from glue_jax.eval import features
   if a.features == "inception":
     net = features.inception(a.inception_weights, mode=a.inception_mode)
   else:

@@ -34,11 +34,15 @@ def maybe_initialize_distributed(enabled: bool | None = None) -> None:
                jax.process_index(), jax.process_count(), jax.device_count())
 
 
-def make_mesh(axes: dict[str, int]) -> jax.sharding.Mesh:
-  """Mesh from ``{'data': -1, 'fsdp': 1}``; one -1 takes the remaining devices."""
+def make_mesh(axes: dict[str, int], devices=None) -> jax.sharding.Mesh:
+  """Mesh from ``{'data': -1, 'fsdp': 1}``; one -1 takes the remaining devices.
+
+  ``devices``: all of JAX's by default; or e.g. the devices of a TPU topology
+  description (ahead-of-time compilation without the hardware).
+  """
   names = tuple(axes)
   sizes = [int(v) for v in axes.values()]
-  n = jax.device_count()
+  n = jax.device_count() if devices is None else len(devices)
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh {axes}: at most one axis may be -1")
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -49,7 +53,8 @@ def make_mesh(axes: dict[str, int]) -> jax.sharding.Mesh:
   if int(np.prod(sizes)) != n:
     raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} "
                      f"devices; {n} available")
-  return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names))
+  kw = {} if devices is None else {"devices": list(devices)}
+  return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), **kw)
 
 
 def pure_param_shardings(abstract_state, mesh, rules) -> dict:

@@ -40,7 +40,7 @@ def _worker(features, workdir, overrides, fsize_limit=None):
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
   env["PYTHONPATH"] = ROOT
   cmd = [sys.executable, "-m", "tests.faults.worker", features, workdir,
-         json.dumps({"total_steps": STEPS, **overrides})]
+         json.dumps({"train.steps": STEPS, **overrides})]
   if fsize_limit:
     cmd.append(str(fsize_limit))
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -81,7 +81,7 @@ def _tree_digest(path):
 def test_kill_at_random_step_then_resume(features, straight, tmp_path):
   k = int(np.random.default_rng(7).integers(4, STEPS))   # between checkpoints 3 and 6
   wd = str(tmp_path / "run")
-  r = _worker(features, wd, {"fault_kill_at_step": k})
+  r = _worker(features, wd, {"debug.kill_at_step": k})
   assert r.returncode == -9, r.stderr[-2000:]
   # the async write of step 3 may or may not have committed before the kill;
   # either way only committed steps are visible
@@ -92,7 +92,7 @@ def test_kill_at_random_step_then_resume(features, straight, tmp_path):
 
 def test_kill_during_checkpoint_write_then_resume(features, straight, tmp_path):
   wd = str(tmp_path / "run")
-  r = _worker(features, wd, {"fault_kill_during_checkpoint": STEPS})
+  r = _worker(features, wd, {"debug.kill_during_checkpoint": STEPS})
   assert r.returncode == -9, r.stderr[-2000:]
   good = os.path.join(wd, "checkpoints", "3")
   steps = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).all_steps()

@@ -2,8 +2,8 @@
 
   python -m tests.faults.worker FEATURES WORKDIR OVERRIDES_JSON [FILE_SIZE_LIMIT_BYTES]
 
-``OVERRIDES_JSON`` sets config fields (e.g. ``{"total_steps": 6,
-"fault_kill_at_step": 4}``).  ``FILE_SIZE_LIMIT_BYTES`` caps the size of any
+``OVERRIDES_JSON`` sets config fields by dotted path (e.g. ``{"train.steps": 6,
+"debug.kill_at_step": 4}``).  ``FILE_SIZE_LIMIT_BYTES`` caps the size of any
 file this process writes (RLIMIT_FSIZE, SIGXFSZ ignored), so writes fail with
 EFBIG as on a full disk.
 """
@@ -26,7 +26,11 @@ def main():
   from tests import train_utils
   cfg = train_utils.tiny_config(features)
   for k, v in json.loads(overrides).items():
-    cfg[k] = v
+    *parents, leaf = k.split(".")
+    node = cfg
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
   loop.train(cfg, workdir)
 
 

@@ -3,7 +3,7 @@
 Every loader returns the same dict (host numpy):
   'images' (N, V, H, W, 3) uint8, composited on a white background;
   'poses'  (N, V, 4, 4) float32 camera-to-world (camera looks down -z, +y up,
-           see ``glue_jax.render.rays``);
+           see ``glue_jax.projects.lainr.volume_rendering``);
   'focal'  (N,) float32 focal length in pixels;
   'near', 'far' floats: the depth range of the rendering.
 
@@ -162,7 +162,7 @@ def load_shapenet(root: str, category: str, split: str, *, image_size: int | Non
   if not os.path.isfile(split_file):
     raise FileNotFoundError(f"ShapeNet: no split file {split_file} (expected layout: "
                             f"<root>/<category>_splits.json, <root>/<category>/<id>/"
-                            "transforms.json; see glue_jax/data/multiview.py)")
+                            "transforms.json; see glue_jax/projects/lainr/multiview_data.py)")
   with open(split_file) as f:
     splits = json.load(f)
   if split not in splits:

@@ -7,9 +7,10 @@ ray origin, ray direction per pixel, as in IPC/TransINR); the decoder maps a
 (RGB logits, density logit).  RGB = sigmoid; density = relu (NeRF) or
 softplus (the default here: its gradient is never exactly zero, so empty
 space cannot get stuck at zero density).  Colours are volume rendered
-(``rays.render_rays``) against a white background; the loss is the MSE of
-randomly chosen rays of the query views.  ``nvs_batch`` draws objects and
-disjoint support/query views per step; ``evaluate`` renders held-out views.
+(``volume_rendering.render_rays``) against a white background; the loss is the MSE of
+randomly chosen rays of the query views.  ``choose_views`` draws disjoint
+support/query views per object (on the host, in the Grain pipeline);
+``evaluate`` renders held-out views.
 
 Uncertain in the spec and therefore switches: whether the view direction is
 an input (``view_dirs``, default False: the ShapeNet renders and the
@@ -27,8 +28,7 @@ import numpy as np
 from flax import nnx
 
 from glue_jax.models import lainr as lainr_lib
-from glue_jax.render import rays as rays_lib
-from glue_jax.train import fit as fit_lib
+from glue_jax.projects.lainr import volume_rendering as rays_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +96,12 @@ def query_rays(images: jax.Array, poses: jax.Array, focal: jax.Array):
   return rays, target.reshape(b, q * h * w, 3)
 
 
-def make_step(graphdef, tx, rcfg: RenderConfig, rays_per_instance: int):
-  """``step(state, batch, base_key) -> (state, metrics)``; batch from
-  ``glue_jax.lainr.nvs_batch``: support/support_poses/query/query_poses/focal."""
-  def loss_fn(params, batch, key):
+def make_loss(graphdef, rcfg: RenderConfig, rays_per_instance: int):
+  """The trainer's ``loss(params, rest, batch, key, step)``: MSE of
+  ``rays_per_instance`` random query rays per object, rendered from the
+  support views' latent tokens; batch from :func:`choose_views`."""
+  def loss(params, rest, batch, key, step):
+    del rest, step
     model = nnx.merge(graphdef, params)
     k_rays, k_strat, k_drop = jax.random.split(key, 3)
     z = model.encode(support_input(batch["support"], batch["support_poses"], batch["focal"]),
@@ -111,8 +113,8 @@ def make_step(graphdef, tx, rcfg: RenderConfig, rays_per_instance: int):
     target = jnp.take_along_axis(target, idx[..., None], 1)
     rgb = render_chunk(model.decoder, model.decoder.prepare(z), rays, rcfg, k_strat)
     per = jnp.mean(jnp.square(rgb - target), axis=(1, 2))
-    return per.mean(), per
-  return fit_lib.mse_step(loss_fn, tx)
+    return per.mean(), ({"psnr": jnp.mean(-10.0 * jnp.log10(per))}, None)
+  return loss
 
 
 def make_render_views(graphdef, rcfg: RenderConfig, chunk: int = 1024):
@@ -131,21 +133,19 @@ def make_render_views(graphdef, rcfg: RenderConfig, chunk: int = 1024):
   return f
 
 
-def nvs_batch(data: dict, step: int, seed: int, batch_size: int, support: int,
-              query: int) -> dict:
-  """Objects and disjoint support/query views for one step (numpy, deterministic
-  in (seed, step)) from a ``glue_jax.data.multiview`` dict."""
-  rng = np.random.default_rng([seed, step, 7])
-  n, v = data["images"].shape[:2]
+def choose_views(support: int, query: int, example: dict, rng: np.random.Generator) -> dict:
+  """Disjoint random support and query views of one object (a Grain
+  ``random_map``: every epoch draws anew, deterministically in the seed and
+  the element's position) from a ``glue_jax.projects.lainr.multiview_data`` object
+  ``{'images' (V,H,W,3), 'poses' (V,4,4), 'focal'}``."""
+  v = example["images"].shape[0]
   if support + query > v:
     raise ValueError(f"nvs: {support} support + {query} query views > {v} views per object")
-  obj = rng.choice(n, batch_size, replace=n < batch_size)
-  views = np.stack([rng.permutation(v)[:support + query] for _ in obj])
-  take = lambda a, sl: np.stack([a[o, vv[sl]] for o, vv in zip(obj, views)])
-  s, q = slice(0, support), slice(support, support + query)
-  return {"support": take(data["images"], s), "support_poses": take(data["poses"], s),
-          "query": take(data["images"], q), "query_poses": take(data["poses"], q),
-          "focal": data["focal"][obj]}
+  views = rng.permutation(v)[:support + query]
+  s, q = views[:support], views[support:]
+  return {"support": example["images"][s], "support_poses": example["poses"][s],
+          "query": example["images"][q], "query_poses": example["poses"][q],
+          "focal": np.float32(example["focal"])}
 
 
 def evaluate(render_fn, params, data: dict, support: int, batch_size: int = 4):

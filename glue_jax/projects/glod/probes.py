@@ -23,9 +23,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from glue_jax.data import scenes as scenes_lib
+from glue_jax.projects.glod import scene_data as scenes_lib
 from glue_jax.models import layers
-from glue_jax.train import fit as fit_lib
+from glue_jax.train import module_fit
 
 NUM_COLOURS = len(scenes_lib.COLOURS)
 NUM_IDENTITIES = len(scenes_lib.IDENTITIES)
@@ -225,8 +225,10 @@ def _attribute_examples(arrays: dict, rng: np.random.Generator, jitter: float):
 
 
 def train(arrays: dict, *, grid: int, crop: int = 12, steps: int = 400, batch_size: int = 128,
-          lr: float = 2e-3, seed: int = 0, holdout: dict | None = None) -> Probes:
-  """Trains both probes on rendered scenes (``scenes.load_arrays``); accuracy on ``holdout``."""
+          lr: float = 2e-3, seed: int = 0, holdout: dict | None = None,
+          workdir: str) -> Probes:
+  """Trains both probes on rendered scenes (``scenes.load_arrays``) with the one
+  trainer (checkpoints under ``workdir``); accuracy on ``holdout``."""
   rng = np.random.default_rng(seed)
   s = arrays["image"].shape[1]
   attr = AttributeProbe(rngs=nnx.Rngs(seed))
@@ -238,9 +240,12 @@ def train(arrays: dict, *, grid: int, crop: int = 12, steps: int = 400, batch_si
     c, d = m(batch["crop"])
     return (optax.softmax_cross_entropy_with_integer_labels(c, batch["colour"]).mean()
             + optax.softmax_cross_entropy_with_integer_labels(d, batch["identity"]).mean())
-  fit_lib.fit(attr, attr_loss, fit_lib.batches_from(
-      {"crop": crops, "colour": col, "identity": ident}, batch_size, seed),
-              steps=steps, tx=optax.adam(lr), desc="attribute probe")
+  settings = {"grid": grid, "crop": crop, "steps": steps, "batch_size": batch_size, "lr": lr,
+              "seed": seed, "num_images": int(len(arrays["image"]))}
+  module_fit.fit(attr, attr_loss, {"crop": crops, "colour": col, "identity": ident},
+                 workdir=os.path.join(workdir, "attribute"), name="attribute probe",
+                 steps=steps, batch_size=batch_size, tx=optax.adam(lr), seed=seed,
+                 meta=settings)
 
   lay = LayoutProbe(s, grid, rngs=nnx.Rngs(seed + 1))
   labels = _cell_labels(arrays, grid)
@@ -248,9 +253,9 @@ def train(arrays: dict, *, grid: int, crop: int = 12, steps: int = 400, batch_si
   def layout_loss(m, batch, key):
     return optax.softmax_cross_entropy_with_integer_labels(
         m(batch["image"]), batch["cells"]).mean()
-  fit_lib.fit(lay, layout_loss, fit_lib.batches_from(
-      {"image": arrays["image"], "cells": labels}, batch_size, seed + 1),
-              steps=steps, tx=optax.adam(lr), desc="layout probe")
+  module_fit.fit(lay, layout_loss, {"image": arrays["image"], "cells": labels},
+                 workdir=os.path.join(workdir, "layout"), name="layout probe", steps=steps,
+                 batch_size=batch_size, tx=optax.adam(lr), seed=seed + 1, meta=settings)
   probes = Probes(attr, lay, crop, grid, {})
   if holdout is not None:
     probes.accuracy = accuracy(probes, holdout)

@@ -1,7 +1,7 @@
 """The GLoD scenes pipeline: dataset -> prompt-conditioned SiT -> probes -> composition.
 
 Stages (each reused when its output exists, so a second run resumes):
- 1. the procedural scenes dataset (``glue_jax.data.scenes``, TFDS array_record
+ 1. the procedural scenes dataset (``glue_jax.projects.glod.scene_data``, TFDS array_record
     under ``<workdir>/tfds``), read back with ``tfds.data_source``;
  2. ``features_{split}.npz``: pixel-tokenizer latents and one prompt per row;
     every scene appears once with its full (concatenated) caption, once with
@@ -9,9 +9,9 @@ Stages (each reused when its output exists, so a second run resumes):
     so the model learns all three kinds of condition;
  3. the generator: ``glue_jax.train.loop.train`` (source 'npz', the prompt as
     the label; null prompt = all null tokens, prompt dropout in the network);
- 4. probes (``glue_jax.eval.probes``) trained on the real train scenes;
+ 4. probes (``glue_jax.projects.glod.probes``) trained on the real train scenes;
  5. composition evaluation of ``config.eval.methods`` on the test scenes
-    (``glue_jax.evaluate_composition``), a sample grid PNG and metrics.json.
+    (``glue_jax.projects.glod.composition_eval``), a sample grid PNG and metrics.json.
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ import os
 import ml_collections
 import numpy as np
 
-from glue_jax.data import scenes as scenes_lib
+from glue_jax import api
 from glue_jax.models import first_stage as first_stage_lib
-from glue_jax.train import writers
+from glue_jax.projects.glod import composition_eval as ec
+from glue_jax.projects.glod import probes as probes_lib
+from glue_jax.projects.glod import scene_data as scenes_lib
+from glue_jax.train import loop, writers
 
 
 @dataclasses.dataclass
@@ -86,7 +89,6 @@ def write_features(config, workdir: str, arrays: dict, split: str) -> str:
 
 
 def train_probes(config, workdir: str, train: dict, test: dict):
-  from glue_jax.eval import probes as probes_lib
   path = os.path.join(workdir, "probes.npz")
   s = config.data.image_size
   if os.path.exists(path):
@@ -94,7 +96,8 @@ def train_probes(config, workdir: str, train: dict, test: dict):
   pc = config.probes
   grid = s // config.train.first_stage["factor"]
   probes = probes_lib.train(train, grid=grid, crop=pc.crop, steps=pc.steps,
-                            batch_size=pc.batch_size, lr=pc.lr, seed=config.seed, holdout=test)
+                            batch_size=pc.batch_size, lr=pc.lr, seed=config.seed, holdout=test,
+                            workdir=os.path.join(workdir, "probes_train"))
   probes_lib.save(probes, path)
   logging.info("probe accuracy on real test scenes: %s", probes.accuracy)
   return probes
@@ -102,8 +105,6 @@ def train_probes(config, workdir: str, train: dict, test: dict):
 
 def prepare(config, workdir: str) -> tuple[Context, dict]:
   """Stages 1-4; returns the context and the trainer's last metrics."""
-  from glue_jax import api
-  from glue_jax.train import loop
   os.makedirs(workdir, exist_ok=True)
   if config.train.data.num_classes != len(scenes_lib.VOCAB):
     raise ValueError(f"train.data.num_classes={config.train.data.num_classes} must be the "
@@ -126,8 +127,6 @@ def prepare(config, workdir: str) -> tuple[Context, dict]:
 
 def load(workdir: str) -> Context:
   """The context of a finished run (for ``evaluate_composition`` and benchmarks)."""
-  from glue_jax import api
-  from glue_jax.eval import probes as probes_lib
   path = os.path.join(workdir, "scenes_config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir}: no scenes_config.json; not a scenes run")
@@ -141,7 +140,6 @@ def load(workdir: str) -> Context:
 
 def run(config, workdir: str) -> dict:
   """The whole pipeline; returns (and writes ``metrics.json``) the composition scores."""
-  from glue_jax import evaluate_composition as ec
   ctx, train_metrics = prepare(config, workdir)
   ev = config.eval
   result = ec.evaluate(ctx.model, ctx.first_stage, ctx.probes, ctx.test, ev,

@@ -30,12 +30,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from glue_jax import api
 from glue_jax.data import digits
 from glue_jax.eval import frechet
 from glue_jax.models import compressor as compressor_lib
 from glue_jax.models import dinov2, dinov2_weights, first_stage as first_stage_lib, layers
-from glue_jax.train import fit as fit_lib
-from glue_jax.train import loop, writers
+from glue_jax.train import loop, module_fit, writers
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -62,22 +62,46 @@ def _encoder(cfg, workdir, data):
                                 patch_size=ec.patch_size, pos_grid=cfg.image_size // ec.patch_size)
   enc = Encoder(vit_cfg, digits.NUM_CLASSES, rngs=nnx.Rngs(cfg.seed))
   path = os.path.join(workdir, "encoder.npz")
-  if os.path.exists(path):
+  key = {"image_size": cfg.image_size, "seed": cfg.seed, **ec.to_dict()}
+  if _reuse(path, key, "encoder"):
     return writers.load_module(enc, path)
 
   def loss_fn(m, batch, key):
     logits = m.logits(normalize(batch["image"]))
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
-  fit_lib.fit(enc, loss_fn, fit_lib.batches_from(data, ec.batch_size, cfg.seed),
-              steps=ec.steps, tx=optax.adamw(ec.lr, weight_decay=0.05), desc="encoder")
+  module_fit.fit(enc, loss_fn, {"image": data["image"], "label": data["label"]},
+                 workdir=os.path.join(workdir, "encoder_run"), name="encoder",
+                 steps=ec.steps, batch_size=ec.batch_size,
+                 tx=optax.adamw(ec.lr, weight_decay=0.05), seed=cfg.seed, meta=key)
   # The ViT alone in DINOv2's loadable format (configs/compressor.py:digits,
   # tools/precompute read it like real DINOv2 weights).
   vit_path = os.path.join(workdir, "encoder_vit.npz")
   dinov2_weights.save_npz(enc.vit, vit_path + ".tmp.npz")
   os.replace(vit_path + ".tmp.npz", vit_path)
   writers.save_module(enc, path)
+  _record(path, key)
   return enc
+
+
+def _reuse(path: str, key: dict, stage: str) -> bool:
+  """True when ``path`` exists and was made by the config ``key`` (recorded in
+  ``<path>.config.json``); a file made by another config is an error."""
+  if not os.path.exists(path):
+    return False
+  rec = path + ".config.json"
+  saved = json.load(open(rec)) if os.path.exists(rec) else None
+  want = json.loads(json.dumps(key, default=list))
+  if saved != want:
+    diff = sorted(k for k in set(want) | set(saved or {}) if (saved or {}).get(k) != want.get(k))
+    raise ValueError(f"demo stage '{stage}': {path} was made by another config (differs in "
+                     f"{diff or 'unrecorded settings'}); delete it (and what was built from it) "
+                     "or use another --workdir")
+  return True
+
+
+def _record(path: str, key: dict) -> None:
+  writers.save_json(path + ".config.json", json.loads(json.dumps(key, default=list)))
 
 
 def _extract(enc, images, layer_ids, batch=256):
@@ -93,7 +117,10 @@ def _extract(enc, images, layer_ids, batch=256):
 
 def _features(cfg, workdir, enc, fs, split, data):
   path = os.path.join(workdir, f"features_{split}.npz")
-  if os.path.exists(path):
+  key = {"encoder": cfg.encoder.to_dict(), "compressor": cfg.compressor.to_dict(),
+         "first_stage": dict(cfg.train.first_stage), "image_size": cfg.image_size,
+         "seed": cfg.seed}
+  if _reuse(path, key, f"features_{split}"):
     return path
   local, cls, patches, _ = _extract(enc, data["image"], tuple(cfg.encoder.layers))
   stats_path = os.path.join(workdir, "feature_stats.npz")
@@ -112,6 +139,7 @@ def _features(cfg, workdir, enc, fs, split, data):
   tmp = path + ".tmp.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
+  _record(path, key)
   return path
 
 
@@ -120,7 +148,8 @@ def _compressor(cfg, workdir, std_local, in_ch):
   comp = compressor_lib.Compressor(compressor_lib.CompressorConfig(
       channels=(in_ch, cc.hidden, cc.out_channels)), rngs=nnx.Rngs(cfg.seed))
   path = os.path.join(workdir, "compressor.npz")
-  if os.path.exists(path):
+  key = {"encoder": cfg.encoder.to_dict(), "seed": cfg.seed, **cc.to_dict()}
+  if _reuse(path, key, "compressor"):
     writers.load_module(comp, path)
     return comp
   if std_local is None:
@@ -130,11 +159,14 @@ def _compressor(cfg, workdir, std_local, in_ch):
     return jnp.mean(jnp.square(m(batch["x"], train=True) - batch["x"]))
 
   sched = optax.cosine_decay_schedule(cc.lr, cc.steps * 4, alpha=0.1)
-  hist = fit_lib.fit(comp, loss_fn, fit_lib.batches_from({"x": std_local}, cc.batch_size,
-                                                          cfg.seed), steps=cc.steps,
-                     tx=optax.adam(sched), desc="compressor")
-  logging.info("compressor MSE %s", hist[-1])
+  last = module_fit.fit(comp, loss_fn, {"x": std_local},
+                        workdir=os.path.join(workdir, "compressor_run"), name="compressor",
+                        steps=cc.steps, batch_size=cc.batch_size, tx=optax.adam(sched),
+                        seed=cfg.seed, meta=key)
+  logging.info("compressor: reconstruction MSE %.4f after %d steps", last.get("loss", float("nan")),
+               cc.steps)
   writers.save_module(comp, path)
+  _record(path, key)
   return comp
 
 
@@ -170,6 +202,15 @@ def prepare(cfg, workdir: str, timer: "_StageTimer | None" = None):
 
 
 def run(cfg, workdir: str) -> dict:
+  """The whole pipeline; a finished run (its ``metrics.json`` made by the same
+  config) returns its recorded metrics without recompiling anything."""
+  done = os.path.join(workdir, "metrics.json")
+  config_json = json.loads(cfg.to_json())
+  if os.path.exists(done):
+    recorded = json.load(open(done))
+    if recorded.get("config") == config_json:
+      logging.info("demo: %s is finished; returning its recorded metrics", workdir)
+      return recorded
   timer = _StageTimer()
   enc, fs, test = prepare(cfg, workdir, timer)
   metrics = loop.train(cfg.train, os.path.join(workdir, "reglue"))
@@ -178,13 +219,13 @@ def run(cfg, workdir: str) -> dict:
   timer.done("evaluate")
   result["train"] = metrics
   result["stage_seconds"] = timer.seconds
+  result["config"] = config_json
   writers.save_json(os.path.join(workdir, "metrics.json"), result)
   logging.info("demo metrics: %s", json.dumps(result, default=float))
   return result
 
 
 def _evaluate(cfg, workdir, enc, fs, test) -> dict:
-  from glue_jax import api
   model = api.load_model(os.path.join(workdir, "reglue", "checkpoints"))
   n = cfg.eval.num_samples
   labels = np.arange(n) % digits.NUM_CLASSES

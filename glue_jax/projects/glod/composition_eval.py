@@ -1,6 +1,6 @@
 """Composition evaluation on held-out scene specifications (GLoD vs baselines).
 
-  python -m glue_jax.evaluate_composition --workdir=workdirs/scenes \
+  python -m glue_jax.projects.glod.composition_cli --workdir=workdirs/scenes \
       [--methods=global,single,glod_B] [--seeds=0,1,2] [--num_scenes=64]
 
 Methods, all sampled from the same per-scene noise (seed, scene index):
@@ -12,7 +12,7 @@ Methods, all sampled from the same per-scene noise (seed, scene index):
 - ``glod_B_layout``: variant B plus backward layout guidance on the attention of
   image tokens on the object's word of the global caption.
 
-Scores per scene (probes of ``glue_jax.eval.probes``, trained on real scenes):
+Scores per scene (probes of ``glue_jax.projects.glod.probes``, trained on real scenes):
 - global alignment: fraction of the caption's relations that hold (layout probe);
 - local alignment: mean over objects of the colour and identity probe on the box
   crop being the local caption's (reported separately as local_colour/identity);
@@ -24,7 +24,6 @@ Scores per scene (probes of ``glue_jax.eval.probes``, trained on real scenes):
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 
@@ -33,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glue_jax.data import scenes as scenes_lib
-from glue_jax.eval import probes as probes_lib
+from glue_jax.projects.glod import scene_data as scenes_lib
+from glue_jax.projects.glod import probes as probes_lib
 from glue_jax.sampling import compose, samplers
+from glue_jax.train import writers
 
 METHODS = ("global", "single", "composable", "glod_A", "glod_B", "glod_C", "glod_B_layout")
 METRICS = ("global_alignment", "local_alignment", "leakage", "preservation")
@@ -133,7 +133,6 @@ def score(images: np.ndarray, arrays: dict, idx: np.ndarray, probes, reference=N
 def evaluate(model, first_stage, probes, arrays: dict, settings, *, methods, seeds,
              num_scenes: int, image_dir: str | None = None, progress: bool = True) -> dict:
   """Scores of every method for every seed; ``global`` is always run (preservation)."""
-  from glue_jax.train import writers
   idx = np.arange(min(num_scenes, len(arrays["image"])))
   order = ["global"] + [m for m in methods if m != "global"]
   per_seed = {m: {k: [] for k in METRICS + ("local_colour", "local_identity")} for m in order}
@@ -177,36 +176,3 @@ def format_table(result: dict) -> str:
                    "-".rjust(22))
     lines.append(f"{m:16s}" + "".join(cells))
   return "\n".join(lines)
-
-
-def main(argv=None):
-  import argparse
-  from glue_jax import scenes as scenes_run
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--workdir", required=True, help="a scenes run's workdir")
-  ap.add_argument("--methods", default=None, help="comma list; default the run's config")
-  ap.add_argument("--seeds", default="0")
-  ap.add_argument("--num_scenes", type=int, default=0)
-  ap.add_argument("--num_steps", type=int, default=0)
-  ap.add_argument("--out", default="", help="JSON path (default <workdir>/composition.json)")
-  args = ap.parse_args(argv)
-  ctx = scenes_run.load(args.workdir)
-  settings = ctx.config.eval
-  if args.num_steps:
-    with settings.unlocked():
-      settings.num_steps = args.num_steps
-  methods = tuple(args.methods.split(",")) if args.methods else tuple(settings.methods)
-  unknown = set(methods) - set(METHODS)
-  if unknown:
-    raise SystemExit(f"unknown methods {sorted(unknown)}; one of {METHODS}")
-  result = evaluate(ctx.model, ctx.first_stage, ctx.probes, ctx.test, settings,
-                    methods=methods, seeds=[int(s) for s in args.seeds.split(",")],
-                    num_scenes=args.num_scenes or settings.num_scenes, image_dir=args.workdir)
-  from glue_jax.train import writers
-  writers.save_json(args.out or os.path.join(args.workdir, "composition.json"), result)
-  print(format_table(result))
-  return 0
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())

@@ -355,7 +355,7 @@ def data_source(data_dir: str, split: str, config=None):
   config = config or builder_config()
   if not os.path.isdir(os.path.join(data_dir, "glue_scenes", config.name)):
     raise FileNotFoundError(f"{data_dir}: scenes config {config.name!r} not built; "
-                            "call glue_jax.data.scenes.build first")
+                            "call glue_jax.projects.glod.scene_data.build first")
   return tfds.data_source("glue_scenes", data_dir=data_dir, split=split,
                           builder_kwargs={"config": config})
 

@@ -1,1 +1,0 @@
-"""Differentiable rendering helpers (camera rays, volume rendering) for the INR models."""
