@@ -1,7 +1,7 @@
 """GLoD vs baselines on held-out procedural scenes: global/local alignment, leakage, preservation.
 
 Trains (once; cached in ``--workdir``) a tiny prompt-conditioned SiT on the
-procedural scenes (``configs/scenes.py``) and probes on the real scenes, then
+procedural scenes (``glue_jax/configs/scenes.py``) and probes on the real scenes, then
 samples the held-out test scene specifications with
 
 - ``single``: CFG on the single concatenated caption (global + locals),
@@ -28,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import scenes as scenes_config  # noqa: E402
+from glue_jax.configs import scenes as scenes_config  # noqa: E402
 from glue_jax.projects.glod import composition_eval as ec  # noqa: E402
 from glue_jax.projects.glod import scenes_pipeline as scenes  # noqa: E402
 import bench_io  # noqa: E402
@@ -47,7 +47,7 @@ def main(argv=None):
   ap.add_argument("--cfg_scale", type=float, default=0.0)
   ap.add_argument("--local_scale", type=float, default=0.0)
   ap.add_argument("--layout", action="store_true", help="also glod_B_layout")
-  ap.add_argument("--config_arg", default="", help="argument of configs/scenes.py")
+  ap.add_argument("--config_arg", default="", help="argument of glue_jax/configs/scenes.py")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                 "results", f"{NAME}.json"))
   args = ap.parse_args(argv)

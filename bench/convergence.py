@@ -3,7 +3,7 @@
   python bench/convergence.py                       # 4 methods x 3 seeds, CPU-sized
   python bench/convergence.py --steps=1200 --methods=sit,repa,reg,reglue,redi
 
-Every method trains the demo's network (configs/demo.py: SiT depth 4, hidden 128) on the
+Every method trains the demo's network (glue_jax/configs/demo.py: SiT depth 4, hidden 128) on the
 demo's precomputed digits features (the same encoder, compressor and data for
 all methods; only the switches of ``glue_jax.methods`` differ) with the same
 steps, batch, optimizer and seeds.  Samples (SDE + CFG, balanced labels) are
@@ -48,12 +48,13 @@ def main():
   # Seeds of a method share programs: compile each once (persistent cache).
   jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "xla_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  from configs import demo as demo_config
+  from glue_jax.configs import demo as demo_config
   from glue_jax import api
   from glue_jax.projects.reglue import digits_demo as demo
   from glue_jax.data import digits
   from glue_jax.eval import digits_classifier, frechet
-  from glue_jax.train import loop, writers
+  from glue_jax import diffusion_job
+  from glue_jax.train import writers
 
   base = demo_config.get_config()
   enc, fs, test = demo.prepare(base, os.path.join(args.workdir, "shared"))
@@ -71,7 +72,7 @@ def main():
         tc.checkpoint.every = args.steps
       wd = os.path.join(args.workdir, f"{method}_seed{seed}")
       t0 = time.time()
-      metrics = loop.train(tc, wd)
+      metrics = diffusion_job.train(tc, wd)
       train_s = time.time() - t0
       model = api.load_model(os.path.join(wd, "checkpoints"))
       labels = np.arange(args.num_samples) % digits.NUM_CLASSES

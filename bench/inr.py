@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import lainr as lainr_configs  # noqa: E402
+from glue_jax.configs import lainr as lainr_configs  # noqa: E402
 from glue_jax.projects.lainr import image_sources, novel_views  # noqa: E402
 from glue_jax.projects.lainr import reconstruction as lainr  # noqa: E402
 from glue_jax.train import step as step_lib  # noqa: E402

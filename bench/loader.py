@@ -248,7 +248,8 @@ def _random(make, seed=0):
 def bench_train_step(args, rows):
   import jax
   from glue_jax import sharding
-  from glue_jax.train import loop, parallel
+  from glue_jax import diffusion_job
+  from glue_jax import sharding
   from glue_jax.train import step as step_lib
   from glue_jax.transport import objective
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -257,8 +258,8 @@ def bench_train_step(args, rows):
   try:
     path = train_utils.write_features(os.path.join(tmp, "train.npz"), n=64)
     cfg = train_utils.tiny_config(path, batch=args.train_batch)
-    run = loop.build(cfg)
-    params = loop.init_params(run, 0)
+    run = diffusion_job.build(cfg)
+    params = diffusion_job.init_params(run, 0)
     with jax.set_mesh(run.mesh), sharding.logical_rules(run.rules, run.mesh):
       state = jax.jit(lambda p: step_lib.init_state(p, run.tx),
                       out_shardings=run.state_shardings)(params)
@@ -266,7 +267,7 @@ def bench_train_step(args, rows):
                      in_shardings=(run.state_shardings, run.batch_shardings, None),
                      donate_argnums=(0,))
       ex = [run.source[i] for i in range(args.train_batch)]
-      batch = parallel.global_batch({k: np.stack([e[k] for e in ex]) for k in ex[0]},
+      batch = sharding.global_batch({k: np.stack([e[k] for e in ex]) for k in ex[0]},
                                     run.batch_shardings)
       key = jax.random.key(0)
       state, m = step(state, batch, key)

@@ -3,7 +3,7 @@
 With libtpu installed (``pip install "jax[tpu]==<jax version>"``) XLA compiles
 for a TPU topology from its description.  For each (model, topology) the
 *real* train step is built from the real config
-(``configs/reglue.py:model=...,method=reglue,bf16,tpu=<generation>``: mesh,
+(``glue_jax/configs/reglue.py:model=...,method=reglue,bf16,tpu=<generation>``: mesh,
 sharding rules, remat, scan, dtype from the config; ``glue_jax.train.aot``)
 at global batch 256, compiled, and reported per chip:
 
@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import reglue  # noqa: E402
+from glue_jax.configs import reglue  # noqa: E402
 from glue_jax.train import aot  # noqa: E402
 import bench_io  # noqa: E402
 import sit_throughput as st  # noqa: E402

@@ -56,11 +56,8 @@ from glue_jax.eval import digits_classifier, features, generate, metrics, refere
 from glue_jax.models import first_stage as first_stage_lib
 from glue_jax.sampling import presets
 from glue_jax.train import checkpoint as ckpt_lib
-from glue_jax.train import parallel, writers
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
+from glue_jax import sharding
+from glue_jax.train import writers
 @dataclasses.dataclass
 class EvalOptions:
   """Everything one evaluation needs (the CLI flags, as a dataclass)."""
@@ -264,7 +261,7 @@ def _is_main() -> bool:
 
 def evaluate(opts: EvalOptions, config=None) -> dict:
   """Samples (unless ``samples_npz``), scores, and writes ``metrics.json``."""
-  parallel.maybe_initialize_distributed()
+  sharding.maybe_initialize_distributed()
   if opts.samples_npz:
     result = {"npz": os.path.abspath(opts.samples_npz)}
     out_dir = opts.out_dir or os.path.dirname(os.path.abspath(opts.samples_npz))
@@ -357,8 +354,6 @@ def main(argv=None):
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src"):
       logging.getLogger(noisy).setLevel(logging.WARNING)
-    if _REPO not in sys.path:
-      sys.path.insert(0, _REPO)
     config = flags_.config
     given = {f.name: flags_[f.name].value for f in dataclasses.fields(EvalOptions)
              if flags_[f.name].present}

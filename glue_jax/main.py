@@ -1,4 +1,4 @@
-"""Entry point: ``python -m glue_jax.main --config=configs/<family>.py:<args> --workdir=DIR``.
+"""Entry point: ``python -m glue_jax.main --config=glue_jax/configs/<family>.py:<args> --workdir=DIR``.
 
 ``config.kind`` chooses what runs (see ``KINDS``): 'diffusion' (the trainer),
 'demo' (the embedded digits pipeline), 'compressor', 'lainr', 'scenes'.
@@ -26,9 +26,7 @@ from absl import app, flags  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:   # configs/ is importable from the repo root
-  sys.path.insert(0, _REPO)
+_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 config_flags.DEFINE_config_file("config", None, "config file[:args]", lock_config=True)
 flags.DEFINE_string("workdir", None, "working directory (checkpoints, logs, samples)")
@@ -37,7 +35,7 @@ FLAGS = flags.FLAGS
 
 # config.kind -> module whose ``run(config, workdir) -> dict`` runs it.
 KINDS = {
-    "diffusion": "glue_jax.train.loop",      # SiT / REPA / REG / ReDi / REGLUE training
+    "diffusion": "glue_jax.diffusion_job",      # SiT / REPA / REG / ReDi / REGLUE training
     "demo": "glue_jax.projects.reglue.digits_demo",  # the embedded digits pipeline
     "compressor": "glue_jax.projects.reglue.compressor_job",  # REGLUE's semantic compressor
     "lainr": "glue_jax.projects.lainr.tasks",  # LA-INR reconstruction / NVS / generation
@@ -59,9 +57,9 @@ _KIND_HELP = {
 
 
 def config_files() -> dict[str, str]:
-  """``configs/<name>.py`` -> the first line of its docstring (not imported)."""
+  """``glue_jax/configs/<name>.py`` -> the first line of its docstring (not imported)."""
   out = {}
-  for path in sorted(glob.glob(os.path.join(_REPO, "configs", "*.py"))):
+  for path in sorted(glob.glob(os.path.join(_CONFIGS, "*.py"))):
     name = os.path.basename(path)
     if name in ("__init__.py", "common.py"):
       continue
@@ -70,14 +68,14 @@ def config_files() -> dict[str, str]:
         doc = ast.get_docstring(ast.parse(f.read())) or ""
     except (OSError, SyntaxError):
       doc = ""
-    out[f"configs/{name}"] = doc.strip().splitlines()[0] if doc.strip() else ""
+    out[f"glue_jax/configs/{name}"] = doc.strip().splitlines()[0] if doc.strip() else ""
   return out
 
 
 def usage() -> str:
   """``--help`` text: this docstring, the config files and the kinds."""
   lines = [__doc__.rstrip(), "", "config files (--config=FILE or FILE:key=value,...):"]
-  lines += [f"  {k:<22} {v}" for k, v in config_files().items()]
+  lines += [f"  {k:<31} {v}" for k, v in config_files().items()]
   lines += ["", "config.kind (what runs):"]
   lines += [f"  {k:<11} {KINDS[k]:<28} {_KIND_HELP.get(k, '')}".rstrip() for k in KINDS]
   return "\n".join(lines) + "\n"

@@ -3,8 +3,8 @@
 #
 # Environment read here (all scripts):
 #   DRY_RUN=1      print each command (shell-quoted, one line) instead of running it
-#   CONFIG         config file                       (default configs/reglue.py)
-#   MODEL, METHOD  configs/reglue.py arguments       (default XL/2, reglue)
+#   CONFIG         config file                       (default glue_jax/configs/reglue.py)
+#   MODEL, METHOD  glue_jax/configs/reglue.py arguments       (default XL/2, reglue)
 #   FEATURES       feature store root (data.path)    (required for training)
 #   CONFIG_EXTRA   more config arguments, comma-separated (default bf16; '' for float32)
 #   EXTRA_FLAGS    extra absl flags, e.g. "--config.train.batch_size=256 --config.mesh.fsdp=8"
@@ -45,7 +45,7 @@ train_cmd() {
   if [[ "${args}" == *[[:space:]]* ]]; then
     die "config arguments must not contain spaces: ${args}"
   fi
-  TRAIN_CMD=("${PYTHON:-python3}" -m glue_jax.main "--config=${CONFIG:-configs/reglue.py}:${args}"
+  TRAIN_CMD=("${PYTHON:-python3}" -m glue_jax.main "--config=${CONFIG:-glue_jax/configs/reglue.py}:${args}"
              "--workdir=${WORKDIR}")
   if [[ -n "${EXTRA_FLAGS:-}" ]]; then
     local -a flags

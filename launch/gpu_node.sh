@@ -10,8 +10,8 @@
 #
 # Environment:
 #   FEATURES, WORKDIR       required: feature store root, run directory
-#   MODEL, METHOD           default XL/2, reglue (configs/reglue.py arguments)
-#   CONFIG_EXTRA            more configs/reglue.py arguments (default bf16; '' = float32)
+#   MODEL, METHOD           default XL/2, reglue (glue_jax/configs/reglue.py arguments)
+#   CONFIG_EXTRA            more glue_jax/configs/reglue.py arguments (default bf16; '' = float32)
 #   EXTRA_FLAGS             e.g. "--config.train.batch_size=256 --config.mesh.fsdp=8"
 #   CUDA_VISIBLE_DEVICES    which GPUs (default: all)
 #   PYTHON                  interpreter with glue_jax + jax[cuda13] installed (python3)

@@ -14,8 +14,8 @@
 #   TPU_NAME, ZONE          required
 #   FEATURES, WORKDIR       required: feature store root and run directory as paths on
 #                           the hosts (under the gcsfuse mount of tpu_setup.sh)
-#   MODEL, METHOD           default XL/2, reglue (configs/reglue.py arguments)
-#   CONFIG_EXTRA            more configs/reglue.py arguments (default bf16; '' = float32)
+#   MODEL, METHOD           default XL/2, reglue (glue_jax/configs/reglue.py arguments)
+#   CONFIG_EXTRA            more glue_jax/configs/reglue.py arguments (default bf16; '' = float32)
 #   EXTRA_FLAGS             e.g. "--config.train.batch_size=256 --config.mesh.fsdp=4"
 #   TFDS_DATA_DIR           exported on the hosts when set (online features: images)
 #   PROJECT                 Google Cloud project (default: gcloud's)

@@ -11,7 +11,7 @@ import json
 import resource
 import sys
 
-from configs import compressor as compressor_config
+from glue_jax.configs import compressor as compressor_config
 
 
 def tiles_config(*, tfds_dir: str, n: int, vit: str, epochs: int = 1, batch_size: int = 64,

@@ -3,13 +3,13 @@
   python -m tests.distributed_worker PORT NUM_PROCESSES PROCESS_ID DEVICES FEATURES WORKDIR STEPS MODE
 
 MODE
-- ``curve``: ``loop.train`` on mesh data x fsdp=4 (resuming from WORKDIR's
+- ``curve``: ``diffusion_job.train`` on mesh data x fsdp=4 (resuming from WORKDIR's
   checkpoints, written at the last step), the loss logged at every step and
   printed as ``RESULT {... "losses": {step: loss}}``.
 - ``curve_ref:N``: the single-process reference of ``curve`` run on N
   processes: no ``jax.distributed``, one device, no sharding, and the data
   pipeline replaced by the concatenation (in process order) of the N
-  per-process Grain pipelines ``loop.train`` would build on N processes, so
+  per-process Grain pipelines ``diffusion_job.train`` would build on N processes, so
   every step sees the same global batch as the distributed run.
 """
 import json
@@ -95,7 +95,7 @@ def main():
   if distributed:
     jax.distributed.initialize(f"localhost:{port}", num_processes=int(nproc),
                                process_id=int(pid), initialization_timeout=120)
-  from glue_jax.train import loop
+  from glue_jax import diffusion_job
   from tests import train_utils
   losses = record_losses()
   if distributed:
@@ -105,7 +105,7 @@ def main():
     mesh = {"data": -1, "fsdp": 1}
   cfg = train_utils.tiny_config(features, steps=int(steps), mesh=mesh)
   cfg.train.log_every, cfg.checkpoint.every = 1, 1000
-  out = loop.train(cfg, workdir)
+  out = diffusion_job.train(cfg, workdir)
   result = {"process": jax.process_index(), "processes": jax.process_count(),
             "devices": jax.device_count(), "step": out["step"], "loss": out.get("loss"),
             "cpu_s": sum(resource.getrusage(resource.RUSAGE_SELF)[:2])}

@@ -104,7 +104,7 @@ def test_01_quickstart(tmp_path, monkeypatch):
 
 
 def test_02_digits_demo(tmp_path, monkeypatch):
-  """The notebook trains the demo (configs/demo.py:runlocal); then the demo's checks."""
+  """The notebook trains the demo (glue_jax/configs/demo.py:runlocal); then the demo's checks."""
   wd = str(tmp_path)
   nb = run_notebook("02_train_digits_demo.ipynb", wd, monkeypatch)
   check_figures(nb, 2)          # loss curves, sample grids
@@ -127,7 +127,7 @@ def test_02_digits_demo(tmp_path, monkeypatch):
     assert f["cls"].shape[1:] == (64,) and f["align_target"].shape[1:] == (16, 64)
 
   # A second run reuses every stage and resumes training at its end.
-  from configs import demo as demo_config
+  from glue_jax.configs import demo as demo_config
   from glue_jax import main as main_lib
   cfg = demo_config.get_config("runlocal")
   with cfg.unlocked():              # as the notebook sets them

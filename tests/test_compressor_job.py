@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import compressor as compressor_config
+from glue_jax.configs import compressor as compressor_config
 from glue_jax.models import compressor as compressor_lib
 from glue_jax.models import dinov2, dinov2_weights
 from glue_jax.projects.reglue import compressor_job

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from glue_jax import sharding
 from glue_jax import api, evaluate, models
 from glue_jax.eval import features, generate, reference, sample_store
 from glue_jax.models import sit
@@ -111,7 +112,7 @@ def test_crash_and_resume_gives_identical_samples(full, model, tmp_path):
 
 
 def test_one_device_gives_identical_samples(full, model, tmp_path):
-  one = features.data_mesh(jax.devices()[:1])
+  one = sharding.data_mesh(jax.devices()[:1])
   result = evaluate.sample(_opts(tmp_path), model=model, mesh=one)
   with np.load(result["npz"]) as f:
     np.testing.assert_array_equal(f["arr_0"], full["images"])

@@ -261,8 +261,8 @@ def digits_dir(tmp_path_factory):
 def test_precompute_cli_demo_preset_then_training(tiny, digits_dir, tmp_path):
   """The CLI's run() with the demo preset (weights as the demo writes them), the
   training reader joining the TFDS images, and a few steps of the trainer."""
-  from configs import precompute as precompute_config
-  from glue_jax.train import loop
+  from glue_jax.configs import precompute as precompute_config
+  from glue_jax import diffusion_job
   demo = tmp_path / "demo"
   demo.mkdir()
   dinov2_weights.save_npz(tiny.vit, str(demo / "encoder_vit.npz"))
@@ -302,8 +302,8 @@ def test_precompute_cli_demo_preset_then_training(tiny, digits_dir, tmp_path):
                                        "num_classes": 10, "workers": 0})
   tc.checkpoint.every = 2
   with pytest.raises(FileNotFoundError, match="no feature store for split 'train'"):
-    loop.train(tc, str(tmp_path / "run0"))
+    diffusion_job.train(tc, str(tmp_path / "run0"))
   os.rename(os.path.join(out, "test_40"), os.path.join(out, "train"))
-  metrics = loop.train(tc, str(tmp_path / "run"))
+  metrics = diffusion_job.train(tc, str(tmp_path / "run"))
   assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2" / "data_iter")

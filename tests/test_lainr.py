@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import lainr as lainr_configs
+from glue_jax.configs import lainr as lainr_configs
 from glue_jax.projects.lainr import reconstruction as lainr
-from glue_jax.train import parallel, trainer
+from glue_jax import sharding
+from glue_jax.train import trainer
 from glue_jax.train import step as step_lib
 from glue_jax.models import lainr as lainr_lib
 from glue_jax.models import latent_token_sit as lts
@@ -144,7 +145,7 @@ def test_pixel_subsampling_and_jitter():
 
 
 def _recon_config(steps=4, batch=8):
-  """configs/lainr.py:runlocal with the TINY model on 64 digits."""
+  """glue_jax/configs/lainr.py:runlocal with the TINY model on 64 digits."""
   c = lainr_configs.get_config("runlocal")
   c.model.update({k: v for k, v in TINY.items() if k in c.model})
   c.data.num_train = 64
@@ -177,11 +178,11 @@ def _steps_on(job, config, devices, n):
   step = s.jit_step()
   losses = []
   with jax.set_mesh(s.mesh):
-    key = jax.device_put(jax.random.key(config.seed), parallel.replicated(s.mesh))
+    key = jax.device_put(jax.random.key(config.seed), sharding.replicated(s.mesh))
     for i in range(n):
       local = next(it)
       local.pop("index")
-      batch = parallel.global_batch(local, s.batch_shardings)
+      batch = sharding.global_batch(local, s.batch_shardings)
       if i == 0:
         grads = jax.device_get(jax.jit(jax.grad(
             lambda p, b: job.loss(p, None, b, jax.random.fold_in(key, 0), 0)[0]))(

@@ -1,9 +1,7 @@
 """REGLUE methods: every Table 1 method trains on digits-like data; the loss on
 fixed inputs equals a hand computation; online features == precomputed."""
-import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -12,7 +10,8 @@ from glue_jax import methods
 from glue_jax.models import compressor as compressor_lib
 from glue_jax.models import dinov2, dinov2_weights, pca as pca_lib
 from glue_jax.models import semantic_encoder as se
-from glue_jax.train import loop, writers
+from glue_jax import diffusion_job
+from glue_jax.train import writers
 from glue_jax.train import step as step_lib
 from glue_jax.transport import objective
 from tests import train_utils
@@ -71,16 +70,16 @@ def test_online_features_equal_precomputed(encoder_files, tmp_path, method, loca
                                               "scale": 1.0, "shift": 0.0}
   losses = {}
   for name, cfg in (("online", cfg_on), ("pre", cfg_pre)):
-    run = loop.build(cfg)
+    run = diffusion_job.build(cfg)
     assert run.net_cfg.semantic_channels == methods.get(method).semantic_channels
-    state = step_lib.init_state(loop.init_params(run, 0), run.tx)
+    state = step_lib.init_state(diffusion_job.init_params(run, 0), run.tx)
     ex = [run.source[i] for i in range(8)]
     batch = {k: np.stack([e[k] for e in ex]) for k in ex[0]}
     if name == "online":
       batch = {k: v for k, v in batch.items() if k in run.batch_shardings}
     with jax.set_mesh(run.mesh):
-      from glue_jax.train import parallel
-      _, m = loop.make_step(run)(state, parallel.global_batch(batch, run.batch_shardings),
+      from glue_jax import sharding
+      _, m = diffusion_job.make_step(run)(state, sharding.global_batch(batch, run.batch_shardings),
                                  jax.random.key(3))
     losses[name] = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
   for k in ("loss", "latent", "semantic", "global", "align"):
@@ -107,8 +106,8 @@ def test_every_method_trains(tmp_path, method):
   cfg = train_utils.tiny_config(feats, method=method, steps=20, batch=16)
   cfg.train.log_every, cfg.checkpoint.every, cfg.optim.lr = 10, 30, 3e-3
   cfg.model.overrides = dict(cfg.model.overrides, class_dropout_prob=0.0)
-  run = loop.build(cfg)
-  state = step_lib.init_state(loop.init_params(run, 0), run.tx)
+  run = diffusion_job.build(cfg)
+  state = step_lib.init_state(diffusion_job.init_params(run, 0), run.tx)
   ex = [run.source[i] for i in range(16)]
   batch = {k: np.stack([e[k] for e in ex]) for k in ex[0]}
   step = jax.jit(objective.make_train_step(run.graphdef, run.tx, run.step_cfg))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import common
+from glue_jax.configs import common
 from glue_jax import api, main as main_lib, models
 from glue_jax.models import sit
 from glue_jax.sampling import presets
@@ -179,7 +179,7 @@ def _run_main(*args, env=None):
                         text=True, timeout=120)
 
 
-CONFIG = """from configs import common
+CONFIG = """from glue_jax.configs import common
 import ml_collections
 
 
@@ -201,7 +201,7 @@ def test_config_errors_are_one_line_with_exit_2(tmp_path):
        "--config.optim.lrr: --config.optim has no field 'lrr'; did you mean --config.optim.lr?"),
       ([f"--config={cfg}:fast=flase"],
        f"--config={cfg}:fast=flase: ValueError: config argument fast=flase: not a boolean"),
-      (["--config=configs/nope.py"], "--config=configs/nope.py: [Errno 2] No such file"),
+      (["--config=glue_jax/configs/nope.py"], "--config=glue_jax/configs/nope.py: [Errno 2] No such file"),
   ]
   for args, expected in cases:
     r = _run_main("-m", "glue_jax.main", *args, work)
@@ -219,7 +219,7 @@ NOISE = ("oneDNN", "absl::InitializeLog", "Given directory is read only",
 
 def test_help_lists_configs_and_kinds_quietly():
   r = _run_main("-m", "glue_jax.main", "--help")
-  assert "configs/demo.py" in r.stdout and "configs/reglue.py" in r.stdout, r.stdout
+  assert "glue_jax/configs/demo.py" in r.stdout and "glue_jax/configs/reglue.py" in r.stdout, r.stdout
   for kind in main_lib.KINDS:
     assert f"  {kind} " in r.stdout, kind
   assert not [n for n in NOISE if n in r.stderr], r.stderr

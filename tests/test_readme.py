@@ -15,7 +15,7 @@ def quickstart_commands():
 def test_two_commands_demo_then_tests():
   cmds = quickstart_commands()
   assert len(cmds) == 2
-  assert "glue_jax.main" in cmds[0] and "configs/demo.py" in cmds[0]
+  assert "glue_jax.main" in cmds[0] and "glue_jax/configs/demo.py" in cmds[0]
   assert "pytest" in cmds[1] and "requirements-test.txt" in cmds[1]
 
 

@@ -155,7 +155,7 @@ def test_shapenet_loader_layout(tmp_path):
 
 
 def test_nvs_training_step_lowers_loss():
-  from configs import lainr as lainr_configs
+  from glue_jax.configs import lainr as lainr_configs
   from glue_jax.models import lainr as lainr_lib
   from glue_jax.projects.lainr import novel_views
   from glue_jax.projects.lainr import radiance_field as nvs

@@ -5,7 +5,7 @@ import types
 import numpy as np
 import pytest
 
-from configs import scenes as scenes_config
+from glue_jax.configs import scenes as scenes_config
 from glue_jax.projects.glod import composition_cli
 from glue_jax.projects.glod import composition_eval as ec
 from glue_jax.projects.glod import scenes_pipeline as scenes_run
@@ -14,7 +14,7 @@ from glue_jax.projects.glod import probes as probes_lib
 
 
 def tiny_scenes_config():
-  """configs/scenes.py:runlocal on the `built` data (12 + 4 scenes), a 1-block SiT, 2 steps."""
+  """glue_jax/configs/scenes.py:runlocal on the `built` data (12 + 4 scenes), a 1-block SiT, 2 steps."""
   c = scenes_config.get_config("runlocal")
   with c.unlocked():
     c.data.num_train, c.data.num_test, c.data.seed = 12, 4, 3
@@ -81,7 +81,7 @@ def test_scene_content_is_consistent(built):
 
 
 def test_prompt_sit_trains_through_the_common_trainer(built, tmp_path):
-  """Scenes npz (latents + prompt labels) -> loop.train with a prompt-conditioned SiT."""
+  """Scenes npz (latents + prompt labels) -> diffusion_job.train with a prompt-conditioned SiT."""
   from glue_jax import api
   data_dir, cfg = built
   c = tiny_scenes_config()
@@ -92,10 +92,10 @@ def test_prompt_sit_trains_through_the_common_trainer(built, tmp_path):
   with np.load(path) as f:
     assert f["latents"].shape[1:] == (8, 8, 27) and f["label"].shape[1:] == (14,)
     assert f["label"].max() <= scenes.NULL_TOKEN
-  from glue_jax.train import loop
+  from glue_jax import diffusion_job
   with c.train.unlocked():
     c.train.data.path = os.path.join(wd, "features_{split}.npz")
-  metrics = loop.train(c.train, os.path.join(wd, "generator"))
+  metrics = diffusion_job.train(c.train, os.path.join(wd, "generator"))
   assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
   model = api.load_model(os.path.join(wd, "generator"))
   assert model.config.prompt_length == 14 and model.config.num_classes == len(scenes.VOCAB)

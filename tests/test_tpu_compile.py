@@ -22,7 +22,7 @@ def test_tiny_train_step_compiles_for_tpu(tmp_path):
   assert len(rows) == 1
   row = rows[0]
   assert row["chips"] == 4 and row["chip"] == "TPU v5e"
-  assert row["mesh"] == {"data": 1, "fsdp": 4}       # the v5e preset of configs/reglue.py
+  assert row["mesh"] == {"data": 1, "fsdp": 4}       # the v5e preset of glue_jax/configs/reglue.py
   assert row["remat"] == "full" and row["scan"] is False
   assert 0 < row["peak_gib"] < row["hbm_gib"] and row["fits"]
   assert row["xla_flops_per_device"] > 0 and row["model_flops_per_step"] > 0

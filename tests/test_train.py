@@ -5,12 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from glue_jax import models, sharding
+from glue_jax import sharding
 from glue_jax.train import checkpoint as ckpt_lib
-from glue_jax.train import loop, parallel
+from glue_jax import diffusion_job
+from glue_jax import sharding
 from glue_jax.train import step as step_lib
 from glue_jax.transport import objective
 from tests import train_utils
@@ -28,15 +28,15 @@ def _batch(run, n=8):
 
 def test_sharded_step_equals_single_device(features):
   cfg = train_utils.tiny_config(features, mesh={"data": 4, "fsdp": 2})
-  run = loop.build(cfg)
-  params = loop.init_params(run, 0)
+  run = diffusion_job.build(cfg)
+  params = diffusion_job.init_params(run, 0)
   step = objective.make_train_step(run.graphdef, run.tx, run.step_cfg)
   key = jax.random.key(0)
   batch = _batch(run)
   with jax.set_mesh(run.mesh), sharding.logical_rules(run.rules, run.mesh):
     state = jax.jit(lambda p: step_lib.init_state(p, run.tx),
                     out_shardings=run.state_shardings)(params)
-    gb = parallel.global_batch(batch, run.batch_shardings)
+    gb = sharding.global_batch(batch, run.batch_shardings)
     # intended shardings: FSDP on the hidden axis, batch over data x fsdp
     qkv = state["params"]["blocks"]["attn"]["qkv"]["kernel"]
     want = lambda spec, nd: jax.sharding.NamedSharding(run.mesh, spec)
@@ -99,12 +99,12 @@ def _iter_state(workdir, step):
 
 def test_resume_after_kill_equals_uninterrupted(features, tmp_path):
   straight = str(tmp_path / "straight")
-  loop.train(train_utils.tiny_config(features, steps=6), straight)
+  diffusion_job.train(train_utils.tiny_config(features, steps=6), straight)
   resumed = str(tmp_path / "resumed")
   r = _worker(features, resumed, steps=6, kill=3)       # SIGKILL right after step 3
   assert r.returncode == -9, r.stderr[-2000:]
   assert ckpt_lib.Checkpointer(os.path.join(resumed, "checkpoints")).all_steps() == [3]
-  loop.train(train_utils.tiny_config(features, steps=6), resumed)   # resumes 3 -> 6
+  diffusion_job.train(train_utils.tiny_config(features, steps=6), resumed)   # resumes 3 -> 6
   sa, a = _final_params(straight)
   sb, b = _final_params(resumed)
   assert sa == sb == 6
@@ -115,16 +115,16 @@ def test_resume_after_kill_equals_uninterrupted(features, tmp_path):
 
 def test_restore_onto_a_different_mesh(features, tmp_path):
   straight = str(tmp_path / "straight")
-  loop.train(train_utils.tiny_config(features, steps=6), straight)
+  diffusion_job.train(train_utils.tiny_config(features, steps=6), straight)
   wd = str(tmp_path / "remesh")
-  loop.train(train_utils.tiny_config(features, steps=3, mesh={"data": 8, "fsdp": 1}), wd)
-  loop.train(train_utils.tiny_config(features, steps=6, mesh={"data": 2, "fsdp": 4}), wd)
+  diffusion_job.train(train_utils.tiny_config(features, steps=3, mesh={"data": 8, "fsdp": 1}), wd)
+  diffusion_job.train(train_utils.tiny_config(features, steps=6, mesh={"data": 2, "fsdp": 4}), wd)
   _, a = _final_params(straight)
   _, b = _final_params(wd)
   # Same reasoning as test_sharded_step_equals_single_device: compare how far
   # the 6 AdamW steps moved each parameter, in units of the learning rate.
   cfg = train_utils.tiny_config(features, steps=6)
-  p0 = jax.device_get(loop.init_params(loop.build(cfg), cfg.seed))
+  p0 = jax.device_get(diffusion_job.init_params(diffusion_job.build(cfg), cfg.seed))
   lr = cfg.optim.lr
   for p, x, y in zip(jax.tree.leaves(p0), jax.tree.leaves(a["params"]),
                      jax.tree.leaves(b["params"])):
@@ -136,19 +136,19 @@ def test_config_mismatch_is_clear_error(features, tmp_path):
   wd = str(tmp_path / "run")
   cfg = train_utils.tiny_config(features, steps=3)
   cfg.train.profile_steps = (1, 2)
-  out = loop.train(cfg, wd)
+  out = diffusion_job.train(cfg, wd)
   assert os.listdir(os.path.join(wd, "profile"))            # a trace was written
   aot = out["aot"]                                         # AOT memory analysis at start-up
   assert aot["argument_size_gib"] > 0 and aot["temp_size_gib"] >= 0
   other = train_utils.tiny_config(features, steps=6, method="repa")
-  with pytest.raises(loop.ConfigMismatchError, match="method"):
-    loop.train(other, wd)
+  with pytest.raises(diffusion_job.ConfigMismatchError, match="method"):
+    diffusion_job.train(other, wd)
 
 
 def test_loaded_model_from_training_run_samples(features, tmp_path):
   import glue_jax
   wd = str(tmp_path / "run")
-  loop.train(train_utils.tiny_config(features, steps=3), wd)
+  diffusion_job.train(train_utils.tiny_config(features, steps=3), wd)
   model = glue_jax.load_model(wd)
   x0, g0 = model.sample(np.array([0, 1]), num_steps=5)
   assert x0.shape == (2, 8, 8, 20) and g0.shape == (2, 32)
@@ -161,10 +161,10 @@ def test_sigterm_checkpoints_and_exits_then_resumes(features, tmp_path):
   wd = str(tmp_path / "preempt")
   cfg = train_utils.tiny_config(features, steps=6)
   cfg.debug.sigterm_at_step = 2
-  out = loop.train(cfg, wd)
+  out = diffusion_job.train(cfg, wd)
   assert out["step"] == 2
   assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).all_steps() == [2]
-  out = loop.train(train_utils.tiny_config(features, steps=6), wd)
+  out = diffusion_job.train(train_utils.tiny_config(features, steps=6), wd)
   assert out["step"] == 6
 
 
@@ -177,7 +177,7 @@ def test_check_compatible_accepts_new_fields_at_default():
   old = {k: v for k, v in net.items() if k != "prompt_pooled"}
   meta = {"network": {"name": "sit", "config": net}, "method": {"name": "sit"}}
   saved = {"network": {"name": "sit", "config": old}, "method": {"name": "sit"}}
-  loop.check_compatible(saved, meta, "ckpt/3")                 # default: fine
+  diffusion_job.check_compatible(saved, meta, "ckpt/3")                 # default: fine
   meta["network"]["config"] = dict(net, prompt_pooled=True)
-  with pytest.raises(loop.ConfigMismatchError, match="prompt_pooled"):
-    loop.check_compatible(saved, meta, "ckpt/3")
+  with pytest.raises(diffusion_job.ConfigMismatchError, match="prompt_pooled"):
+    diffusion_job.check_compatible(saved, meta, "ckpt/3")

@@ -1,10 +1,9 @@
 """Shared helpers for trainer tests: a tiny synthetic feature file and config."""
 import os
 
-import ml_collections
 import numpy as np
 
-from configs import common
+from glue_jax.configs import common
 
 
 def write_features(path, n=64, seed=0, latent_hw=8, grid=4, enc_dim=32, classes=5):

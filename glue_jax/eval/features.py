@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glue_jax.models import inception_weights
+from glue_jax import sharding
 
 KEYS = ("pool", "spatial", "logits")
 
@@ -83,25 +84,6 @@ def inception(weights: str | None = None, *, mode: str = "adm", model=None) -> F
 
 # -------------------------------------------------------------- extraction
 
-def data_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh named ``'data'`` over ``devices`` (default: all devices)."""
-  devs = np.asarray(jax.devices() if devices is None else devices)
-  return jax.sharding.Mesh(devs.reshape(-1), ("data",),
-                           axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A host array identical on every process -> a global array."""
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def replicate(tree, mesh) -> Any:
-  """Places a pytree of arrays replicated on ``mesh`` (multi-process safe)."""
-  rep = NamedSharding(mesh, P())
-  return jax.tree.map(lambda a: to_global(np.asarray(a), rep), tree)
-
-
 class Extractor:
   """Jitted, batch-sharded feature extraction of one :class:`FeatureNet`.
 
@@ -113,11 +95,11 @@ class Extractor:
 
   def __init__(self, net: FeatureNet, mesh=None, per_device_batch: int = 64):
     self.net = net
-    self.mesh = mesh or data_mesh()
+    self.mesh = mesh or sharding.data_mesh()
     self.batch = per_device_batch * self.mesh.size
     self.in_sharding = NamedSharding(self.mesh, P("data"))
     rep = NamedSharding(self.mesh, P())
-    self.params = replicate(net.params, self.mesh)
+    self.params = sharding.replicate(net.params, self.mesh)
     self._fn = jax.jit(net.apply, in_shardings=(rep, self.in_sharding),
                        out_shardings=rep)
 
@@ -135,7 +117,7 @@ class Extractor:
       if n < self.batch:
         images = np.concatenate([images, np.zeros((self.batch - n,) + images.shape[1:],
                                                   images.dtype)])
-      return self._fn(self.params, to_global(images, self.in_sharding)), n
+      return self._fn(self.params, sharding.to_global(images, self.in_sharding)), n
 
     def collect(result):
       out, n = result

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from glue_jax.eval import features as features_lib
+from glue_jax import sharding
 from glue_jax.eval.sample_store import SampleStore, StoreError
 from glue_jax.models import first_stage as first_stage_lib
 from glue_jax.sampling import presets, sample_from_keys, samplers
@@ -129,7 +129,7 @@ class ShardedSampler:
                label_mode: str = "random", mesh=None, per_device_batch: int = 16):
     if label_mode not in LABEL_MODES:
       raise ValueError(f"label mode {label_mode!r}: one of {LABEL_MODES}")
-    self.mesh = mesh or features_lib.data_mesh()
+    self.mesh = mesh or sharding.data_mesh()
     self.per_device_batch = int(per_device_batch)
     self.global_batch = self.per_device_batch * self.mesh.size
     self.seed, self.label_mode, self.preset = int(seed), label_mode, preset
@@ -142,8 +142,8 @@ class ShardedSampler:
         cfg.global_token_dim, self.num_classes, self.mesh)
     pure = model.params if isinstance(model.params, dict) else nnx.to_pure_dict(model.params)
     self.data_sharding = NamedSharding(self.mesh, P("data"))
-    self.params = features_lib.replicate(pure, self.mesh)
-    self.fs_params = None if fs_params is None else features_lib.replicate(fs_params, self.mesh)
+    self.params = sharding.replicate(pure, self.mesh)
+    self.fs_params = None if fs_params is None else sharding.replicate(fs_params, self.mesh)
     shape = jax.eval_shape(plain, pure, fs_params,
                            jax.ShapeDtypeStruct((self.global_batch,), jnp.int32))[0]
     self.image_shape = tuple(shape.shape[1:])
@@ -157,7 +157,7 @@ class ShardedSampler:
     if idx.shape != (self.global_batch,):
       raise ValueError(f"need {self.global_batch} indices, got {idx.shape}")
     return self._fn(self.params, self.fs_params,
-                    features_lib.to_global(idx, self.data_sharding))
+                    sharding.to_global(idx, self.data_sharding))
 
 
 def _local_blocks(arr) -> list[tuple[int, int, np.ndarray]]:

@@ -1,9 +1,9 @@
 r"""Precompute REGLUE's per-image features into the sharded feature store.
 
   A=dataset=imagenet2012,data_dir=DATA,vae=VAE.npz,dinov2=DINOV2.npz,compressor=COMP.npz
-  python -m glue_jax.tools.precompute --config=configs/precompute.py:$A --out=features/in256
+  python -m glue_jax.tools.precompute --config=glue_jax/configs/precompute.py:$A --out=features/in256
   python -m glue_jax.tools.precompute --out=features/digits16 \
-      --config=configs/precompute.py:preset=demo,demo_dir=workdirs/demo,data_dir=DATA
+      --config=glue_jax/configs/precompute.py:preset=demo,demo_dir=workdirs/demo,data_dir=DATA
 
 (``stats`` defaults to REGLUE's released statistics shipped in
 ``glue_jax/assets``; multi-host: run the same command on every host.)
@@ -34,7 +34,6 @@ import hashlib
 import logging
 import os
 import re
-import sys
 from typing import Any, Callable
 
 import jax
@@ -46,8 +45,8 @@ from glue_jax.data import feature_store, imagenet
 from glue_jax.models import compressor as compressor_lib
 from glue_jax.models import compressor_weights, dinov2_weights, pixel_tokenizer, vae_weights
 from glue_jax.models import semantic_encoder as se
-from glue_jax.train import parallel, writers
-
+from glue_jax import sharding
+from glue_jax.train import writers
 OUTPUTS = ("first_stage", "semantic", "cls", "align_target")
 
 
@@ -194,7 +193,7 @@ def build_module(make):
 
 
 def build_extractor(config):
-  """``(extract, identity)`` from a ``configs/precompute.py`` config."""
+  """``(extract, identity)`` from a ``glue_jax/configs/precompute.py`` config."""
   outputs = tuple(config.outputs)
   fs_cfg = config.first_stage
   first = None
@@ -232,7 +231,7 @@ def run(config, out: str, *, process_index: int | None = None,
         process_count: int | None = None, fault_after_shards: int | None = None) -> dict:
   """Precomputes one split into ``<out>/<split>``; returns a summary."""
   if process_index is None:
-    parallel.maybe_initialize_distributed(config.get("distributed"))
+    sharding.maybe_initialize_distributed(config.get("distributed"))
     process_index, process_count = jax.process_index(), jax.process_count()
   source, fingerprint = imagenet.open_image_source(
       config.dataset, config.split, config.data_dir or None,
@@ -259,10 +258,7 @@ def run(config, out: str, *, process_index: int | None = None,
 def main(argv=None):
   from absl import app, flags
   from ml_collections import config_flags
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  if repo not in sys.path:
-    sys.path.insert(0, repo)
-  config_flags.DEFINE_config_file("config", None, "configs/precompute.py[:args]",
+  config_flags.DEFINE_config_file("config", None, "glue_jax/configs/precompute.py[:args]",
                                   lock_config=True)
   flags.DEFINE_string("out", None, "feature store root (a directory per split)")
   flags.DEFINE_integer("process_index", -1, "this process (default: jax.process_index())")

@@ -3,7 +3,7 @@
 With ``libtpu`` installed (``jax[tpu]`` of the installed jax version), XLA
 compiles for a TPU topology from its description alone
 (``jax.experimental.topologies.get_topology_desc``): the train step that
-``glue_jax.train.loop`` would run, built from the same config (mesh, sharding
+``glue_jax.diffusion_job`` would run, built from the same config (mesh, sharding
 rules, remat, scan, dtype), is lowered on abstract inputs and compiled.  The
 executable's memory analysis is what one chip needs; its cost analysis
 carries the TPU compiler's own estimate of the step time
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from glue_jax import methods as methods_lib
 from glue_jax import sharding
-from glue_jax.train import loop
+from glue_jax import diffusion_job
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +106,11 @@ def example_spec(config, *, image_size: int = 256, encoder_dim: int = 768,
   return spec
 
 
-def build(config, devices, **spec_kw) -> loop.Run:
-  """``loop.build`` on ``devices`` with the batch described by :func:`example_spec`."""
+def build(config, devices, **spec_kw) -> diffusion_job.Run:
+  """``diffusion_job.build`` on ``devices`` with the batch described by :func:`example_spec`."""
   if config.features.get("mode", "precomputed") == "online":
     raise ValueError("aot: features.mode='online' is not supported (precomputed only)")
-  return loop.build(_with_train_group(config), devices=devices,
+  return diffusion_job.build(_with_train_group(config), devices=devices,
                     example_spec=example_spec(config, **spec_kw))
 
 
@@ -127,7 +127,7 @@ def _with_train_group(config):
   return config
 
 
-def abstract_inputs(run: loop.Run):
+def abstract_inputs(run: diffusion_job.Run):
   """``(state, batch, key)`` as ShapeDtypeStructs carrying the run's shardings."""
   s = run.setup
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=s.batch_shardings[k])
@@ -138,7 +138,7 @@ def abstract_inputs(run: loop.Run):
   return s.abstract_state(), batch, key
 
 
-def lower_train_step(run: loop.Run):
+def lower_train_step(run: diffusion_job.Run):
   """The trainer's jitted, donating step lowered on abstract inputs under the
   run's mesh and logical-axis rules (as the trainer runs it)."""
   jitted = run.setup.jit_step()
@@ -175,7 +175,7 @@ def analyze(compiled) -> dict:
   return out
 
 
-def compile_train_step(run: loop.Run) -> tuple[object, dict]:
+def compile_train_step(run: diffusion_job.Run) -> tuple[object, dict]:
   """Compiles the run's train step; returns the executable and :func:`analyze`
   plus ``compile_s``."""
   t0 = time.perf_counter()

@@ -49,7 +49,8 @@ from flax import nnx
 from glue_jax import sharding
 from glue_jax.data import pipeline
 from glue_jax.train import checkpoint as ckpt_lib
-from glue_jax.train import parallel, resume, writers
+from glue_jax import sharding
+from glue_jax.train import resume, writers
 from glue_jax.train import progress as progress_lib
 from glue_jax.train import step as step_lib
 
@@ -167,7 +168,7 @@ class Setup:
 
   def jit_step(self):
     """The sharded, donating step ``(state, batch, key, *aux)``."""
-    rep = parallel.replicated(self.mesh)
+    rep = sharding.replicated(self.mesh)
     aux_sh = tuple(jax.tree.map(lambda _: rep, a) for a in self.job.aux)
     return jax.jit(self.step_fn,
                    in_shardings=(self.state_shardings, self.batch_shardings, rep) + aux_sh,
@@ -195,25 +196,25 @@ def setup(job: Job, config, *, devices=None, spec: dict | None = None) -> Setup:
   ``devices`` and ``spec`` (``{key: (shape, dtype)}`` of one example) let the
   step be compiled ahead of time for devices that are not present.
   """
-  mesh = parallel.make_mesh(dict(config.mesh), devices=devices)
+  mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
   rules = rules_of(config)
   abstract = nnx.eval_shape(lambda: job.model(0))
   p_abs = nnx.state(abstract, nnx.Param)
   r_abs = nnx.state(abstract, nnx.Not(nnx.Param))
   has_rest = bool(jax.tree.leaves(nnx.to_pure_dict(r_abs)))
-  psh = parallel.pure_param_shardings(p_abs, mesh, rules)
+  psh = sharding.pure_param_shardings(p_abs, mesh, rules)
   with_sh = lambda tree, sh: jax.tree.map(
       lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), tree, sh)
   abs_p = with_sh(nnx.to_pure_dict(p_abs), psh)
   abs_r = None
   if has_rest:
-    abs_r = with_sh(nnx.to_pure_dict(r_abs), parallel.pure_param_shardings(r_abs, mesh, rules))
+    abs_r = with_sh(nnx.to_pure_dict(r_abs), sharding.pure_param_shardings(r_abs, mesh, rules))
   ema = job.ema_decay is not None
   with jax.set_mesh(mesh):
     ssh = jax.jit(lambda p, r: step_lib.init_state(p, job.tx, ema=ema, rest=r)).lower(
         abs_p, abs_r).compile().output_shardings
   spec = spec if spec is not None else example_spec(job.source, job.keys, job.augment)
-  bsh = parallel.batch_shardings({k: len(s) + 1 for k, (s, _) in spec.items()}, mesh, rules)
+  bsh = sharding.batch_shardings({k: len(s) + 1 for k, (s, _) in spec.items()}, mesh, rules)
   batch = config.train.batch_size
   global_spec = {k: ((batch,) + tuple(s), d) for k, (s, d) in spec.items()}
   fn = step_lib.make_step(job.loss, job.tx, ema_decay=job.ema_decay, ema_warmup=job.ema_warmup)
@@ -294,7 +295,7 @@ def train(job: Job, config, workdir: str, *, prebuilt: Setup | None = None) -> d
   ``WorkdirInUseError``).  ``prebuilt``: the job's :func:`setup`, when the
   caller built it already.
   """
-  parallel.maybe_initialize_distributed(config.train.get("distributed"))
+  sharding.maybe_initialize_distributed(config.train.get("distributed"))
   if "://" in workdir:
     raise ValueError(f"--workdir={workdir}: URLs are not supported; give a file path "
                      "(local disk, NFS, or a gcsfuse mount such as /mnt/gcs/run)")
@@ -325,7 +326,7 @@ def _train_locked(job: Job, config, workdir: str, prebuilt: Setup | None) -> dic
       history = [] if fresh else list((saved or {}).get("hook_history") or [])
       if fresh:
         state = s.init_state(config.seed)
-      rep = parallel.replicated(s.mesh)
+      rep = sharding.replicated(s.mesh)
       base_key = jax.device_put(jax.random.key(config.seed), rep)
       aux = tuple(jax.device_put(a, rep) for a in job.aux)
       step_fn = s.jit_step()
@@ -374,7 +375,7 @@ def _loop(s: Setup, config, workdir, ck, data_iter, state, step_fn, base_key, au
       idx = np.asarray(local.pop("index"))
       if job.keys is not None:
         local = {k: v for k, v in local.items() if k in job.keys}
-      batch = parallel.global_batch(local, s.batch_shardings)
+      batch = sharding.global_batch(local, s.batch_shardings)
       _profile(tc, workdir, step)
       with jax.transfer_guard(tc.get("transfer_guard", "allow")):
         state, metrics = step_fn(state, batch, base_key, *aux)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from glue_jax.train import checkpoint as ckpt_lib
-from glue_jax.train import loop
+from glue_jax import diffusion_job
 from tests import train_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,7 +32,7 @@ def features(tmp_path_factory):
 def straight(features, tmp_path_factory):
   """The uninterrupted reference run (checkpoints at 3 and 6)."""
   wd = str(tmp_path_factory.mktemp("straight"))
-  loop.train(train_utils.tiny_config(features, steps=STEPS), wd)
+  diffusion_job.train(train_utils.tiny_config(features, steps=STEPS), wd)
   return wd
 
 
@@ -86,7 +86,7 @@ def test_kill_at_random_step_then_resume(features, straight, tmp_path):
   # the async write of step 3 may or may not have committed before the kill;
   # either way only committed steps are visible
   assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).all_steps() in ([], [3])
-  loop.train(train_utils.tiny_config(features, steps=STEPS), wd)
+  diffusion_job.train(train_utils.tiny_config(features, steps=STEPS), wd)
   _assert_same_as_straight(straight, wd)
 
 
@@ -98,7 +98,7 @@ def test_kill_during_checkpoint_write_then_resume(features, straight, tmp_path):
   steps = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).all_steps()
   assert set(steps) <= {3, STEPS}                      # only committed steps are visible
   digest = _tree_digest(good) if 3 in steps else None
-  loop.train(train_utils.tiny_config(features, steps=STEPS), wd)
+  diffusion_job.train(train_utils.tiny_config(features, steps=STEPS), wd)
   _assert_same_as_straight(straight, wd)
   if digest:
     assert _tree_digest(good) == digest                # the earlier checkpoint is untouched
@@ -108,7 +108,7 @@ def test_kill_during_checkpoint_write_then_resume(features, straight, tmp_path):
 def test_corrupt_latest_checkpoint_falls_back_to_last_good(features, straight, tmp_path,
                                                            damage):
   wd = str(tmp_path / "run")
-  loop.train(train_utils.tiny_config(features, steps=STEPS), wd)
+  diffusion_job.train(train_utils.tiny_config(features, steps=STEPS), wd)
   ck_dir = os.path.join(wd, "checkpoints")
   digest = _tree_digest(os.path.join(ck_dir, "3"))
   bad = os.path.join(ck_dir, str(STEPS))
@@ -125,7 +125,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_last_good(features, straight, t
   else:
     with open(os.path.join(bad, "config", "metadata"), "w") as fh:
       fh.write("{not json")
-  out = loop.train(train_utils.tiny_config(features, steps=STEPS), wd)  # resumes from 3
+  out = diffusion_job.train(train_utils.tiny_config(features, steps=STEPS), wd)  # resumes from 3
   assert out["step"] == STEPS
   _assert_same_as_straight(straight, wd)
   assert _tree_digest(os.path.join(ck_dir, "3")) == digest
@@ -138,14 +138,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_last_good(features, straight, t
 def test_failing_write_stops_clearly_and_keeps_earlier_checkpoints(features, straight,
                                                                    tmp_path):
   wd = str(tmp_path / "run")
-  loop.train(train_utils.tiny_config(features, steps=3), wd)
+  diffusion_job.train(train_utils.tiny_config(features, steps=3), wd)
   digest = _tree_digest(os.path.join(wd, "checkpoints", "3"))
   r = _worker(features, wd, {}, fsize_limit=16 * 1024)    # every file capped at 16 KiB
   assert r.returncode not in (0, -9), r.stderr[-3000:]
   assert "checkpoint step 6" in r.stderr or "checkpoint write" in r.stderr, r.stderr[-3000:]
   assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).all_steps() == [3]
   assert _tree_digest(os.path.join(wd, "checkpoints", "3")) == digest
-  loop.train(train_utils.tiny_config(features, steps=STEPS), wd)   # space again: resumes
+  diffusion_job.train(train_utils.tiny_config(features, steps=STEPS), wd)   # space again: resumes
   _assert_same_as_straight(straight, wd)
 
 
@@ -157,8 +157,8 @@ def test_non_finite_batch_stops_with_step_named(features, tmp_path, key, value):
   arrays[key][:] = value
   np.savez(bad, **arrays)
   wd = str(tmp_path / "run")
-  with pytest.raises(loop.NonFiniteLossError, match="step 0"):
-    loop.train(train_utils.tiny_config(bad, steps=4), wd)
+  with pytest.raises(diffusion_job.NonFiniteLossError, match="step 0"):
+    diffusion_job.train(train_utils.tiny_config(bad, steps=4), wd)
   assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).latest_step() is None
 
 
@@ -172,9 +172,9 @@ def test_workdir_in_use_is_a_clear_error(features, tmp_path):
   try:
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(ckpt_lib.WorkdirInUseError, match=f"pid {holder.pid}"):
-      loop.train(train_utils.tiny_config(features, steps=3), wd)
+      diffusion_job.train(train_utils.tiny_config(features, steps=3), wd)
   finally:
     holder.kill()
     holder.wait()
-  out = loop.train(train_utils.tiny_config(features, steps=3), wd)   # lock died with it
+  out = diffusion_job.train(train_utils.tiny_config(features, steps=3), wd)   # lock died with it
   assert out["step"] == 3

@@ -22,7 +22,7 @@ def main():
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
   from tests import jax_setup
   jax_setup.configure(8)   # the settings of tests/conftest.py: programs compile identically
-  from glue_jax.train import loop
+  from glue_jax import diffusion_job
   from tests import train_utils
   cfg = train_utils.tiny_config(features)
   for k, v in json.loads(overrides).items():
@@ -31,7 +31,7 @@ def main():
     for p in parents:
       node = node[p]
     node[leaf] = v
-  loop.train(cfg, workdir)
+  diffusion_job.train(cfg, workdir)
 
 
 if __name__ == "__main__":

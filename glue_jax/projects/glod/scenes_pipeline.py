@@ -7,7 +7,7 @@ Stages (each reused when its output exists, so a second run resumes):
     every scene appears once with its full (concatenated) caption, once with
     its global caption and once per object with that object's local caption,
     so the model learns all three kinds of condition;
- 3. the generator: ``glue_jax.train.loop.train`` (source 'npz', the prompt as
+ 3. the generator: ``glue_jax.train.diffusion_job.train`` (source 'npz', the prompt as
     the label; null prompt = all null tokens, prompt dropout in the network);
  4. probes (``glue_jax.projects.glod.probes``) trained on the real train scenes;
  5. composition evaluation of ``config.eval.methods`` on the test scenes
@@ -29,7 +29,8 @@ from glue_jax.models import first_stage as first_stage_lib
 from glue_jax.projects.glod import composition_eval as ec
 from glue_jax.projects.glod import probes as probes_lib
 from glue_jax.projects.glod import scene_data as scenes_lib
-from glue_jax.train import loop, writers
+from glue_jax import diffusion_job
+from glue_jax.train import writers
 
 
 @dataclasses.dataclass
@@ -118,7 +119,7 @@ def prepare(config, workdir: str) -> tuple[Context, dict]:
   tc = config.train
   with tc.unlocked():
     tc.data.path = os.path.join(workdir, "features_{split}.npz")
-  metrics = loop.train(tc, os.path.join(workdir, "generator"))
+  metrics = diffusion_job.train(tc, os.path.join(workdir, "generator"))
   probes = train_probes(config, workdir, train, test)
   model = api.load_model(os.path.join(workdir, "generator", "checkpoints"))
   fs = first_stage_lib.build(dict(tc.first_stage))

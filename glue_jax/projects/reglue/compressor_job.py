@@ -36,7 +36,8 @@ from glue_jax.data import digits, imagenet, pipeline
 from glue_jax.models import compressor as compressor_lib
 from glue_jax.models import dinov2_weights
 from glue_jax.models import semantic_encoder as se
-from glue_jax.train import parallel, trainer, writers
+from glue_jax import sharding
+from glue_jax.train import trainer, writers
 from glue_jax.train import step as step_lib
 
 log = logging.getLogger("glue_jax.compressor")
@@ -171,7 +172,7 @@ def _validation_hook(config, enc_gd, comp_gd, features, spe: int, lr_at) -> trai
   def fn(ctx: trainer.HookContext):
     data = ctx.setup.batch_shardings["image"]
     if "f" not in compiled:
-      rep = parallel.replicated(ctx.mesh)
+      rep = sharding.replicated(ctx.mesh)
 
       def mse(params, rest, arrays, images):
         comp = nnx.merge(comp_gd, params, rest)
@@ -183,7 +184,7 @@ def _validation_hook(config, enc_gd, comp_gd, features, spe: int, lr_at) -> trai
     for i in range(0, n - batch + 1, batch):
       lo = i + jax.process_index() * (batch // nproc)
       local = np.stack([src[j]["image"] for j in range(lo, lo + batch // nproc)])
-      images = parallel.global_batch({"image": local}, {"image": data})["image"]
+      images = sharding.global_batch({"image": local}, {"image": data})["image"]
       vals.append(compiled["f"](ctx.state["params"], ctx.state.get("rest"), ctx.aux[0],
                                 images))
     if not vals:

@@ -11,7 +11,7 @@ Stages (each reused when its output exists, so a second run resumes):
  4. compressor: conv autoencoder on the standardized stack -> 16 channels;
  5. feature file: first-stage latents (exact pixel tokenizer, or the SD-VAE
     when its weights are given), compressed semantics, [CLS], REPA targets;
- 6. REGLUE training with the regular trainer (``glue_jax.train.loop``);
+ 6. REGLUE training with the regular trainer (``glue_jax.diffusion_job``);
  7. sampling (SDE + CFG) from the EMA weights, a sample grid PNG, and metrics:
     Frechet distance of encoder [CLS] features against the test split and
     the class accuracy of conditional samples under the encoder's classifier.
@@ -35,7 +35,8 @@ from glue_jax.data import digits
 from glue_jax.eval import frechet
 from glue_jax.models import compressor as compressor_lib
 from glue_jax.models import dinov2, dinov2_weights, first_stage as first_stage_lib, layers
-from glue_jax.train import loop, module_fit, writers
+from glue_jax import diffusion_job
+from glue_jax.train import module_fit, writers
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -74,7 +75,7 @@ def _encoder(cfg, workdir, data):
                  workdir=os.path.join(workdir, "encoder_run"), name="encoder",
                  steps=ec.steps, batch_size=ec.batch_size,
                  tx=optax.adamw(ec.lr, weight_decay=0.05), seed=cfg.seed, meta=key)
-  # The ViT alone in DINOv2's loadable format (configs/compressor.py:digits,
+  # The ViT alone in DINOv2's loadable format (glue_jax/configs/compressor.py:digits,
   # tools/precompute read it like real DINOv2 weights).
   vit_path = os.path.join(workdir, "encoder_vit.npz")
   dinov2_weights.save_npz(enc.vit, vit_path + ".tmp.npz")
@@ -213,7 +214,7 @@ def run(cfg, workdir: str) -> dict:
       return recorded
   timer = _StageTimer()
   enc, fs, test = prepare(cfg, workdir, timer)
-  metrics = loop.train(cfg.train, os.path.join(workdir, "reglue"))
+  metrics = diffusion_job.train(cfg.train, os.path.join(workdir, "reglue"))
   timer.done("train")
   result = _evaluate(cfg, workdir, enc, fs, test)
   timer.done("evaluate")

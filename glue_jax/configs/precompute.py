@@ -1,11 +1,11 @@
 """Feature-store precomputation (``python -m glue_jax.tools.precompute``).
 
-  --config=configs/precompute.py:dataset=imagenet2012,data_dir=D,vae=V,dinov2=E,compressor=C
+  --config=glue_jax/configs/precompute.py:dataset=imagenet2012,data_dir=D,vae=V,dinov2=E,compressor=C
       ImageNet 256: SD-VAE posterior moments, DINOv2-B/14-reg blocks 8-11 (224 px
       input) standardized with the released statistics and compressed to
       16x16x16, [CLS], REPA targets (bfloat16; 'noalign' leaves them out).
       The argument list is one shell word (no spaces after the commas).
-  --config=configs/precompute.py:preset=demo,demo_dir=workdirs/demo,data_dir=D
+  --config=glue_jax/configs/precompute.py:preset=demo,demo_dir=workdirs/demo,data_dir=D
       the demo's digits at 16 px with the demo's trained ViT/compressor/statistics
       (pixel-tokenizer latents; blocks 0-3 of the 4-block encoder, no resize)
 
@@ -20,7 +20,7 @@ import os
 
 import ml_collections
 
-from configs import common
+from glue_jax.configs import common, demo
 
 RELEASED_STATS = common.RELEASED_STATS
 
@@ -56,7 +56,6 @@ def get_config(arg=None):
   c.distributed = None
   if a.preset == "demo":
     # What glue_jax/projects/reglue/digits_demo.py writes and how its _features computes features.
-    from configs import demo
     d = demo.get_config()
     c.dataset, c.image_size = "digits", d.image_size
     c.first_stage.update(name="pixel", factor=d.train.first_stage["factor"])

@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 
 import ml_collections
-from ml_collections import config_dict
 
-from glue_jax import sharding
 from glue_jax.train import trainer_config
 
 RELEASED_STATS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "glue_jax", "assets", "dinov2_vitb14_reg_blocks8-11_norm_stats.npz")
+                              "assets", "dinov2_vitb14_reg_blocks8-11_norm_stats.npz")
 
 
 _TRUE = ("1", "true", "yes", "on")

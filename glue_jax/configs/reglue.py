@@ -1,16 +1,16 @@
 """ImageNet 256 diffusion runs: SiT / REPA / REG / ReDi / REGLUE and ablations.
 
-  --config=configs/reglue.py:model=XL/2,method=reglue
-  --config=configs/reglue.py:model=B/2,method=h          (Table 1 row h = REG)
-  --config=configs/reglue.py:runlocal                    (tiny smoke run)
-  --config=configs/reglue.py:online,dinov2=DIR,compressor=compression_model.pth
+  --config=glue_jax/configs/reglue.py:model=XL/2,method=reglue
+  --config=glue_jax/configs/reglue.py:model=B/2,method=h          (Table 1 row h = REG)
+  --config=glue_jax/configs/reglue.py:runlocal                    (tiny smoke run)
+  --config=glue_jax/configs/reglue.py:online,dinov2=DIR,compressor=compression_model.pth
       (DINOv2 + compressor inside the train step; the data source carries images)
-  --config=configs/reglue.py:model=XL/2,bf16,tpu=v5e
+  --config=glue_jax/configs/reglue.py:model=XL/2,bf16,tpu=v5e
       (TPU preset of the generation: mesh, remat, unrolled blocks; TPU_PRESETS,
       chosen with bench/tpu_compile.py, see bench/RESULTS.md)
 """
 
-from configs import common
+from glue_jax.configs import common
 from glue_jax import methods
 
 # Per TPU generation, for global batch 256 (XLA's compiler predictions,

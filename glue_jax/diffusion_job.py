@@ -24,7 +24,8 @@ from glue_jax.data import sources
 from glue_jax.models import first_stage as first_stage_lib
 from glue_jax.models import semantic_encoder, sit
 from glue_jax.sampling import presets, sample_from_keys
-from glue_jax.train import parallel, trainer, writers
+from glue_jax import sharding
+from glue_jax.train import trainer, writers
 from glue_jax.train import step as step_lib
 from glue_jax.transport import losses, objective
 
@@ -133,7 +134,7 @@ def make_step(run: Run, *, aot: bool = False):
   jitted = run.setup.jit_step()
   if aot:
     jitted, run.meta["aot"] = trainer.compile_step(run.setup, jitted)
-  aux = tuple(jax.device_put(a, parallel.replicated(run.mesh)) for a in run.job.aux)
+  aux = tuple(jax.device_put(a, sharding.replicated(run.mesh)) for a in run.job.aux)
   return lambda state, batch, key: jitted(state, batch, key, *aux)
 
 

@@ -1,17 +1,17 @@
 """GLoD on procedural scenes: a prompt-conditioned SiT trained on CPU, then composed.
 
-  python -m glue_jax.main --config=configs/scenes.py --workdir=workdirs/scenes
-  --config=configs/scenes.py:runlocal    (smoke run: tiny data, few steps)
-  --config=configs/scenes.py:steps=6000,batch=256  (longer generator training)
+  python -m glue_jax.main --config=glue_jax/configs/scenes.py --workdir=workdirs/scenes
+  --config=glue_jax/configs/scenes.py:runlocal    (smoke run: tiny data, few steps)
+  --config=glue_jax/configs/scenes.py:steps=6000,batch=256  (longer generator training)
 
 Stages (``glue_jax/projects/glod/scenes_pipeline.py``): TFDS scenes dataset -> npz of pixel-tokenizer
-latents + prompt tokens -> ``glue_jax.train.loop.train`` -> probes ->
+latents + prompt tokens -> ``glue_jax.train.diffusion_job.train`` -> probes ->
 composition evaluation (``glue_jax/projects/glod/composition_eval.py``).
 """
 
 import ml_collections
 
-from configs import common
+from glue_jax.configs import common
 
 # The scenes vocabulary (glue_jax.projects.glod.scene_data.VOCAB) has 26 words; id 26 is null.
 VOCAB_SIZE = 26

@@ -1,13 +1,13 @@
 """The embedded default: the whole REGLUE pipeline on scikit-learn digits (CPU).
 
-  python -m glue_jax.main --config=configs/demo.py --workdir=workdirs/demo
-  --config=configs/demo.py:runlocal  (smoke run: 100 steps, exercises every stage; the
+  python -m glue_jax.main --config=glue_jax/configs/demo.py --workdir=workdirs/demo
+  --config=glue_jax/configs/demo.py:runlocal  (smoke run: 100 steps, exercises every stage; the
                                       samples are not yet digits)
 """
 
 import ml_collections
 
-from configs import common
+from glue_jax.configs import common
 
 
 def get_config(arg=None):

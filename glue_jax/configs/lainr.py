@@ -1,11 +1,11 @@
 """LA-INR (locality-aware generalizable INR): reconstruction, novel views, generation.
 
-  python -m glue_jax.main --config=configs/lainr.py --workdir=workdirs/lainr
-  --config=configs/lainr.py:runlocal                   (CI sizes, a few steps)
-  --config=configs/lainr.py:task=nvs                   (procedural multi-view set)
-  --config=configs/lainr.py:task=generate              (SiT over the latent tokens)
-  --config=configs/lainr.py:dataset=photos,variant=global
-  --config=configs/lainr.py:dataset=tfds:imagenette,model=paper   (178 px, spec sizes)
+  python -m glue_jax.main --config=glue_jax/configs/lainr.py --workdir=workdirs/lainr
+  --config=glue_jax/configs/lainr.py:runlocal                   (CI sizes, a few steps)
+  --config=glue_jax/configs/lainr.py:task=nvs                   (procedural multi-view set)
+  --config=glue_jax/configs/lainr.py:task=generate              (SiT over the latent tokens)
+  --config=glue_jax/configs/lainr.py:dataset=photos,variant=global
+  --config=glue_jax/configs/lainr.py:dataset=tfds:imagenette,model=paper   (178 px, spec sizes)
 
 Arguments: task=reconstruct|nvs|generate, dataset=digits|photos|tfds:<name>,
 variant=lainr|global|single_band|no_select, model=tiny|small|paper (small:
@@ -19,7 +19,7 @@ ImageNette; ImageNette train: random crop + flip.
 
 import ml_collections
 
-from configs import common
+from glue_jax.configs import common
 
 _PRESETS = {   # enc width, depth, heads, R, dec width, freqs per axis
     "tiny": dict(enc_width=32, enc_depth=1, enc_heads=2, num_latents=8, dec_width=32,

@@ -2,16 +2,16 @@
 
   ImageNet (official recipe: DINOv2-B/14-reg blocks 8-11, released statistics,
   3072 -> 256 -> 16, Adam 1e-3, cosine per epoch T_max 100 / eta_min 1e-4, 25 epochs, batch 4096):
-    --config=configs/compressor.py:dinov2=/path/dinov2_vitb14_reg
+    --config=glue_jax/configs/compressor.py:dinov2=/path/dinov2_vitb14_reg
   Last layer only (Table 1 rows i-k):  ...:layers=11,stats=own
   Digits (the demo's encoder, CPU):
-    --config=configs/compressor.py:digits,dinov2=workdirs/demo/encoder_vit.npz
+    --config=glue_jax/configs/compressor.py:digits,dinov2=workdirs/demo/encoder_vit.npz
   Smoke run: ...:runlocal (2 epochs, small batch)
 """
 
 import ml_collections
 
-from configs import common
+from glue_jax.configs import common
 
 
 def get_config(arg=None):
