@@ -60,10 +60,8 @@ TINY = dict(depth=2, hidden_size=64, num_heads=2, encoder_depth=1, projector_dim
 def config_for(model: str, topology: str, sets: list[str], tiny: bool, batch: int):
   gen = topology.split(":")[0]
   c = reglue.get_config(f"model={model},method=reglue,bf16,tpu={gen}")
-  if "train" in c:
-    c.train.batch_size = batch
-  else:
-    c.batch_size = batch
+  c.train.batch_size = batch
+  align = None
   if tiny:
     c.model.overrides = {**dict(c.model.overrides), **TINY}
   for item in sets:
@@ -76,18 +74,18 @@ def config_for(model: str, topology: str, sets: list[str], tiny: bool, batch: in
     elif key == "mesh":                       # mesh=data:1,fsdp:-1 -> 'data:1;fsdp:-1'
       c.mesh = {k: int(v) for k, v in (p.split(":") for p in val.split(";"))}
     elif key == "align_dtype":
-      c.aot_align_dtype = val
+      align = val
     else:
       raise ValueError(f"--set {item}: key must be remat, attention_impl, scan, mesh "
                        "or align_dtype")
     c.model.overrides = over
-  return c
+  return c, align
 
 
 def train_row(model, topology, devices, args) -> dict:
   chip = aot.chip_of(topology)
-  c = config_for(model, topology, args.set, args.tiny, args.batch)
-  run = aot.build(c, devices)
+  c, align = config_for(model, topology, args.set, args.tiny, args.batch)
+  run = aot.build(c, devices, align_dtype=align)
   n, batch = len(devices), args.batch
   abs_params = workloads.abstract_params(lambda: _sit(run.net_cfg))
   model_flops = 3.0 * st.analytic_forward_flops(run.net_cfg, abs_params) * batch
@@ -120,8 +118,8 @@ def _predict(row, seconds, flops_per_chip, items_per_chip, chip, valid):
 def sampler_rows(model, topology, devices, args) -> list[dict]:
   """Sampler (scan over steps: XLA's figures are one step's) vs one forward."""
   chip = aot.chip_of(topology)
-  c = config_for(model, topology, args.set, args.tiny, args.batch)
-  run = aot.build(c, devices)
+  c, align = config_for(model, topology, args.set, args.tiny, args.batch)
+  run = aot.build(c, devices, align_dtype=align)
   cfg = dataclasses.replace(run.net_cfg, remat="none")
   n = len(devices)
   b = args.batch

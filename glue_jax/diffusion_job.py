@@ -99,7 +99,7 @@ def build(config, *, devices=None, example_spec: dict | None = None) -> Run:
   tc = config.train
   step_cfg = objective.StepConfig(
       method=method, loss=loss_cfg, time_dist=config.loss.time_dist,
-      latent_scale=config.first_stage.scale, latent_shift=config.first_stage.get("shift", 0.0),
+      latent_scale=config.first_stage.scale, latent_shift=config.first_stage["shift"],
       ema_decay=tc.ema_decay, ema_warmup=tc.ema_warmup)
   tx = step_lib.make_optimizer(**dict(config.optim))
   graphdef = nnx.graphdef(models.build("sit", net_cfg, abstract=True))

@@ -17,8 +17,8 @@ CASES = {
     "lainr_nvs": ("lainr-nvs", 5, "checkpoints"),
     "lainr_generate": ("latent-sit", 5, "generator/checkpoints"),
     "scenes": ("diffusion", 5, "generator/checkpoints"),
-    "demo_encoder": ("encoder", 3, "encoder_run/checkpoints"),
-    "demo_compressor": ("compressor", 3, "compressor_run/checkpoints"),
+    "demo_encoder": ("encoder", 5, "encoder_run/checkpoints"),
+    "demo_compressor": ("compressor", 5, "compressor_run/checkpoints"),
     "demo_reglue": ("diffusion", 5, "reglue/checkpoints"),
 }
 

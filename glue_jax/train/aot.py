@@ -89,12 +89,12 @@ def example_spec(config, *, image_size: int = 256, encoder_dim: int = 768,
   SD-VAE posterior moments (``image_size / 8``, 2 x 4 channels), label, and
   what the method needs of DINOv2 (``encoder_grid`` x ``encoder_grid`` patches
   of width ``encoder_dim``): compressed ``semantic`` grid, ``cls``, REPA
-  ``align_target`` in ``align_dtype`` (default ``config.aot_align_dtype``, else
-  bfloat16, the feature store's default).
+  ``align_target`` in ``align_dtype`` (default bfloat16, the feature store's
+  default).
   """
-  method = methods_lib.get(config.method, **dict(config.get("method_overrides", {})))
+  method = methods_lib.get(config.method, **dict(config.method_overrides))
   lat = image_size // 8
-  align_dtype = align_dtype or config.get("aot_align_dtype", "bfloat16")
+  align_dtype = align_dtype or "bfloat16"
   spec = {"latent_moments": ((lat, lat, 8), jnp.float32), "label": ((), jnp.int32)}
   need = method.required_features()
   if "semantic" in need:
@@ -108,23 +108,9 @@ def example_spec(config, *, image_size: int = 256, encoder_dim: int = 768,
 
 def build(config, devices, **spec_kw) -> diffusion_job.Run:
   """``diffusion_job.build`` on ``devices`` with the batch described by :func:`example_spec`."""
-  if config.features.get("mode", "precomputed") == "online":
+  if config.features.mode == "online":
     raise ValueError("aot: features.mode='online' is not supported (precomputed only)")
-  return diffusion_job.build(_with_train_group(config), devices=devices,
-                    example_spec=example_spec(config, **spec_kw))
-
-
-def _with_train_group(config):
-  """Configs that keep batch size and EMA at the top level get the ``train``
-  group the trainer reads (same values)."""
-  if "train" in config:
-    return config
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.train = ml_collections.ConfigDict({
-      "batch_size": config.batch_size, "ema_decay": config.ema_decay,
-      "ema_warmup": config.get("ema_warmup", False)})
-  return config
+  return diffusion_job.build(config, devices=devices, example_spec=example_spec(config, **spec_kw))
 
 
 def abstract_inputs(run: diffusion_job.Run):

@@ -49,7 +49,6 @@ from flax import nnx
 from glue_jax import sharding
 from glue_jax.data import pipeline
 from glue_jax.train import checkpoint as ckpt_lib
-from glue_jax import sharding
 from glue_jax.train import resume, writers
 from glue_jax.train import progress as progress_lib
 from glue_jax.train import step as step_lib
@@ -176,7 +175,7 @@ class Setup:
 
 
 def rules_of(config) -> tuple:
-  return tuple(tuple(r) for r in config.get("sharding_rules", sharding.DEFAULT_RULES))
+  return tuple(tuple(r) for r in config.sharding_rules)
 
 
 def example_spec(source, keys=None, augment=None) -> dict:
@@ -261,7 +260,7 @@ class _ExcludeSource(Sequence):
 def make_dataset(job: Job, config):
   """The per-process Grain iterator of ``job.source`` (with example indices)."""
   dc = config.data
-  exclude = tuple(dc.get("exclude", ()) or ())
+  exclude = tuple(dc.exclude or ())
   source = _ExcludeSource(job.source, exclude) if exclude else job.source
   n = jax.process_count()
   if config.train.batch_size % n:
@@ -271,8 +270,8 @@ def make_dataset(job: Job, config):
       source, batch_size=config.train.batch_size // n, seed=config.seed,
       process_index=jax.process_index(), process_count=n, with_index=True,
       filter_none=bool(exclude), random_map=_keep_index(job.augment),
-      worker_count=dc.get("workers", 0),
-      read_threads=dc.get("read_threads", 0), prefetch_buffer_size=dc.get("prefetch", 0))
+      worker_count=dc.workers,
+      read_threads=dc.read_threads, prefetch_buffer_size=dc.prefetch)
 
 
 def _keep_index(augment):
@@ -295,7 +294,7 @@ def train(job: Job, config, workdir: str, *, prebuilt: Setup | None = None) -> d
   ``WorkdirInUseError``).  ``prebuilt``: the job's :func:`setup`, when the
   caller built it already.
   """
-  sharding.maybe_initialize_distributed(config.train.get("distributed"))
+  sharding.maybe_initialize_distributed(config.train.distributed)
   if "://" in workdir:
     raise ValueError(f"--workdir={workdir}: URLs are not supported; give a file path "
                      "(local disk, NFS, or a gcsfuse mount such as /mnt/gcs/run)")
@@ -308,13 +307,13 @@ def _train_locked(job: Job, config, workdir: str, prebuilt: Setup | None) -> dic
   cc = config.checkpoint
   total = int(config.train.steps)
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cc.keep,
-                             keep_every=cc.get("keep_every") or None)
+                             keep_every=cc.keep_every or None)
   s = prebuilt or setup(job, config)
   data_iter = iter(make_dataset(job, config))
   try:
     with jax.set_mesh(s.mesh), sharding.logical_rules(s.rules, s.mesh):
       state, saved = resume.restore_latest(s, ck, data_iter,
-                                    allow_fresh_start=cc.get("allow_fresh_start", False))
+                                    allow_fresh_start=cc.allow_fresh_start)
       if state is not None and int(jax.device_get(state["step"])) >= total:
         out = dict((saved or {}).get("last_metrics") or {})
         out["step"] = int(jax.device_get(state["step"]))
@@ -331,7 +330,7 @@ def _train_locked(job: Job, config, workdir: str, prebuilt: Setup | None) -> dic
       aux = tuple(jax.device_put(a, rep) for a in job.aux)
       step_fn = s.jit_step()
       report = None
-      if config.train.get("aot_compile", True):
+      if config.train.aot_compile:
         step_fn, report = compile_step(s, step_fn)
       return _loop(s, config, workdir, ck, data_iter, state, step_fn, base_key, aux,
                    fresh, report, history)
@@ -341,7 +340,7 @@ def _train_locked(job: Job, config, workdir: str, prebuilt: Setup | None) -> dic
 
 def _loop(s: Setup, config, workdir, ck, data_iter, state, step_fn, base_key, aux, fresh,
           report, history) -> dict:
-  job, tc, dbg = s.job, config.train, config.get("debug", {})
+  job, tc, dbg = s.job, config.train, config.debug
   writer = writers.create_writer(workdir)
   total = int(tc.steps)
   step = start = int(jax.device_get(state["step"]))
@@ -377,13 +376,14 @@ def _loop(s: Setup, config, workdir, ck, data_iter, state, step_fn, base_key, au
         local = {k: v for k, v in local.items() if k in job.keys}
       batch = sharding.global_batch(local, s.batch_shardings)
       _profile(tc, workdir, step)
-      with jax.transfer_guard(tc.get("transfer_guard", "allow")):
+      with jax.transfer_guard(tc.transfer_guard):
         state, metrics = step_fn(state, batch, base_key, *aux)
       step += 1
       _inject(dbg, "kill_at_step", step, signal.SIGKILL)
       _inject(dbg, "sigterm_at_step", step, signal.SIGTERM)
-      if kill_env == (job.name, step):
-        os.kill(os.getpid(), signal.SIGKILL)     # test hook: GLUE_JAX_TEST_KILL_AT
+      if kill_env == (job.name, step):           # test hook: GLUE_JAX_TEST_KILL_AT
+        ck.wait()      # the previous checkpoint has committed: die between two of them
+        os.kill(os.getpid(), signal.SIGKILL)
       window.append(metrics)
       indices[step - 1] = idx
       stop = preempted["flag"] or ck.reached_preemption(step)
@@ -401,9 +401,9 @@ def _loop(s: Setup, config, workdir, ck, data_iter, state, step_fn, base_key, au
           items["ema"] = state["ema"]
         ck.save(step, config=dict(job.meta, last_metrics=last, hook_history=history),
                 data_iter=data_iter, **items)
-        if step == dbg.get("kill_during_checkpoint", -1):
+        if step == dbg.kill_during_checkpoint:
           os.kill(os.getpid(), signal.SIGKILL)   # fault injection: async write in flight
-        if step == dbg.get("kill_after_checkpoint", -1):
+        if step == dbg.kill_after_checkpoint:
           ck.wait()
           os.kill(os.getpid(), signal.SIGKILL)   # fault injection: die once committed
       if stop:
@@ -424,8 +424,9 @@ def _loop(s: Setup, config, workdir, ck, data_iter, state, step_fn, base_key, au
 
 def _kill_hook():
   """``GLUE_JAX_TEST_KILL_AT='<job name>:<step>'`` (tests only): SIGKILL after
-  that step of that job, for jobs whose config the test cannot reach (the
-  demo's stages); ``config.debug`` does the same for a job's own config."""
+  that step of that job, once the previous (asynchronous) checkpoint has
+  committed, for jobs whose config the test cannot reach (the demo's stages);
+  ``config.debug`` injects faults through a job's own config."""
   spec = os.environ.get("GLUE_JAX_TEST_KILL_AT", "")
   if not spec:
     return None
@@ -434,7 +435,7 @@ def _kill_hook():
 
 
 def _inject(dbg, name: str, step: int, sig) -> None:
-  if step == dbg.get(name, -1):
+  if step == dbg[name]:
     os.kill(os.getpid(), sig)
 
 
@@ -470,7 +471,7 @@ def _check_finite(job: Job, state, window=(), indices=None) -> None:
 
 def _profile(tc, workdir: str, step: int) -> None:
   """Traces steps ``[start, stop)`` of ``train.profile_steps`` to ``<workdir>/profile``."""
-  window = tc.get("profile_steps") or ()
+  window = tc.profile_steps or ()
   if len(window) != 2:
     return
   start, stop = (int(x) for x in window)
