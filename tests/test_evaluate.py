@@ -15,10 +15,10 @@ import pytest
 from flax import nnx
 
 from glue_jax import sharding
-from glue_jax import api, evaluate, models
+from glue_jax import api, evaluate
 from glue_jax.eval import features, generate, reference, sample_store
-from glue_jax.models import sit
 from glue_jax.sampling import presets
+from tests import train_utils
 
 N = 13                       # samples: two 8-device steps, the second padded
 PRESET = presets.SamplerPreset(num_steps=3, cfg_scale=2.0, interval=(0.0, 0.7))
@@ -27,15 +27,7 @@ PRESET = presets.SamplerPreset(num_steps=3, cfg_scale=2.0, interval=(0.0, 0.7))
 def make_checkpoint(d: str) -> str:
   """A tiny random REGLUE-shaped SiT saved with its sampler preset (also used
   by tests/faults)."""
-  cfg = sit.config_for("S/2", depth=1, hidden_size=32, num_heads=2, input_size=4,
-                       latent_channels=12, semantic_channels=4, num_classes=5,
-                       global_token_dim=8)
-  state = nnx.state(models.build("sit", cfg, abstract=True))
-  rng = np.random.default_rng(0)
-  # Random (not adaLN-zero) weights so outputs depend on noise, label and t.
-  pure = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype),
-                      nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, pure)
+  cfg, state = train_utils.tiny_random_sit()
   api.save_network(d, "sit", cfg, state, ema=state, step=7, extra={
       "sampler": PRESET.to_dict(),
       "first_stage": {"name": "pixel", "factor": 2, "channels": 3, "scale": 1.0,

@@ -11,30 +11,21 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from glue_jax.configs import common
-from glue_jax import api, main as main_lib, models
-from glue_jax.models import sit
+from glue_jax import api, main as main_lib
 from glue_jax.sampling import presets
 from glue_jax.train import checkpoint as ckpt_lib
+from tests import train_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIXEL = {"name": "pixel", "factor": 2, "channels": 3, "scale": 1.0, "shift": 0.0}
 
 
 def _save(d, steps=(3, 5), first_stage=PIXEL):
-  cfg = sit.config_for("S/2", depth=1, hidden_size=32, num_heads=2, input_size=4,
-                       latent_channels=12, semantic_channels=4, num_classes=5,
-                       global_token_dim=8)
-  state = nnx.state(models.build("sit", cfg, abstract=True))
-  rng = np.random.default_rng(0)
-  pure = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype),
-                      nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, pure)
+  cfg, state = train_utils.tiny_random_sit()
   extra = {"sampler": presets.SamplerPreset(num_steps=2, cfg_scale=1.0).to_dict()}
   if first_stage:
     extra["first_stage"] = first_stage

@@ -33,3 +33,22 @@ def tiny_config(features_path, *, method="reglue", steps=6, batch=8, mesh=None):
   c.optim.lr = 1e-3
   c.mesh = mesh or {"data": -1, "fsdp": 1}
   return c
+
+
+def tiny_random_sit():
+  """``(SiTConfig, nnx.State)`` of a tiny REGLUE-shaped SiT with random (not
+  adaLN-zero) weights, so outputs depend on noise, label and t (checkpoint
+  fixtures of the evaluation, API and fault tests)."""
+  import jax
+  from flax import nnx
+  from glue_jax import models
+  from glue_jax.models import sit
+  cfg = sit.config_for("S/2", depth=1, hidden_size=32, num_heads=2, input_size=4,
+                       latent_channels=12, semantic_channels=4, num_classes=5,
+                       global_token_dim=8)
+  state = nnx.state(models.build("sit", cfg, abstract=True))
+  rng = np.random.default_rng(0)
+  pure = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype),
+                      nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, pure)
+  return cfg, state

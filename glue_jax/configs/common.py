@@ -80,7 +80,7 @@ data_defaults = trainer_config.data_defaults
 
 
 def diffusion_defaults() -> ml_collections.ConfigDict:
-  """REGLUE's training recipe (spec section d) for the diffusion families."""
+  """REGLUE's training recipe (REGLUE paper and its release) for the diffusion families."""
   c = ml_collections.ConfigDict()
   c.kind = "diffusion"
   c.seed = 0

@@ -5,13 +5,13 @@
   --config=glue_jax/configs/lainr.py:task=nvs                   (procedural multi-view set)
   --config=glue_jax/configs/lainr.py:task=generate              (SiT over the latent tokens)
   --config=glue_jax/configs/lainr.py:dataset=photos,variant=global
-  --config=glue_jax/configs/lainr.py:dataset=tfds:imagenette,model=paper   (178 px, spec sizes)
+  --config=glue_jax/configs/lainr.py:dataset=tfds:imagenette,model=paper   (178 px, the paper's sizes)
 
 Arguments: task=reconstruct|nvs|generate, dataset=digits|photos|tfds:<name>,
 variant=lainr|global|single_band|no_select, model=tiny|small|paper (small:
-CPU default; paper: widths/depths of the spec), steps=N, size=N (image side).
+CPU default; paper: widths/depths of the LA-INR paper), steps=N, size=N (image side).
 
-Paper recipe (IPC's, spec section 5): Adam lr 1e-4, batch 16, epochs
+Paper recipe (IPC's, which LA-INR follows): Adam lr 1e-4, batch 16, epochs
 CelebA 300 / FFHQ 1000 / ImageNette 4000 -> set train.steps = epochs *
 num_train / 16; 10% pixel subsampling at >= 512 px; coordinate jitter for
 ImageNette; ImageNette train: random crop + flip.
@@ -45,7 +45,7 @@ def patching(size: int) -> tuple[int, int]:
 
 
 def bands(size: int, base=(128.0, 32.0), base_q=16.0, ref=178) -> tuple[tuple, float]:
-  """Bandwidths (cycles per image side).  The spec's (128, 32), sigma_q 16 at
+  """Bandwidths (cycles per image side).  The paper's (128, 32), sigma_q 16 at
   178 px; smaller images scale them by size/178 (floored at 1) so sigma_1
   stays ~0.7x the pixel count, larger images keep them (IPC's single-band FF
   grew only 2x from 178 to 1024 px; LA-INR's rule is uncertain)."""

@@ -1,4 +1,4 @@
-"""REGLUE's semantic compressor: a conv autoencoder over DINOv2 features (spec b).
+"""REGLUE's semantic compressor: a conv autoencoder over DINOv2 features (REGLUE paper).
 
 The official ``--encoder_channel_list`` (default ``3072,256,16``) builds the
 encoder as Conv3x3(c0 -> c1) -> ResidualBlock(c1) -> Conv3x3(c1 -> c2) ...,

@@ -54,7 +54,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class LAINRConfig:
-  """Hyper-parameters (defaults: ImageNette/CelebA 178 as in the spec)."""
+  """Hyper-parameters (defaults: ImageNette/CelebA 178 as in the LA-INR paper)."""
   image_size: int = 178
   in_channels: int = 3            # 9 for NVS support views (RGB, ray origin, ray dir)
   coord_dim: int = 2              # 3 for NVS points (6 with view directions)
@@ -78,7 +78,7 @@ class LAINRConfig:
   sigmas: tuple[float, ...] = (128.0, 32.0)
   num_freqs: int = 64             # per axis (IPC ff_dim 128 -> 64 per axis)
   ff_pi: bool = True              # multiply by pi (IPC images); False: IPC NeRF style
-  # Uncertain in the spec: a Linear+ReLU before the attention's query
+  # Not fixed by the LA-INR paper: a Linear+ReLU before the attention's query
   # projection (re-implementation) or gamma fed straight into it (False).
   query_mlp: bool = True
   output_bias: float = 0.5        # IPC adds +0.5 to the linear RGB output [V]; LA-INR [?]

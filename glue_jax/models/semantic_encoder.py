@@ -1,4 +1,4 @@
-"""Images -> REGLUE's semantic features, as one frozen module (spec b).
+"""Images -> REGLUE's semantic features, as one frozen module (REGLUE paper).
 
 :class:`SemanticEncoder` bundles the frozen vision foundation model (DINOv2,
 or the demo's small ViT of the same class), the released/own per-channel

@@ -8,9 +8,9 @@ conditions and the N_l local conditions (one batched call) and composes
   v = v_0 + sum_i w_i G_i (v_gi - v_0) + sum_j w_j M_j (v_lj - ref_j)
 
 with M_j the local mask (box or bitmap at latent resolution, broadcast over
-all spatial channels, also REGLUE's semantic ones) and, per variant (see
-/work/shared/specs/glod.md section 4.2, a reconstruction: the paper's exact
-equation could not be read):
+all spatial channels, also REGLUE's semantic ones) and, per variant (a
+reconstruction of the GLoD paper's composition rule, whose exact equation
+we could not read; the variant is a switch):
 
 - ``A`` additive (Composable Diffusion inside the box): G_i = 1, ref_j = v_0;
 - ``B`` relative to global (default): G_i = 1, ref_j = v_{g parent(j)};

@@ -3,7 +3,7 @@
 A preset is stored with every checkpoint (``config['sampler']``) and is the
 default of ``glue_jax.evaluate`` and ``LoadedModel.sample``.
 
-CFG defaults of the official releases (spec sections e, g, h):
+CFG defaults of the official releases (the REGLUE, REG and REPA papers and releases):
 - REGLUE: the paper states w = 2.8 with interval [0, 0.9] (Table 4/10); the
   released eval.sh uses 2.3.  We default to the paper (``reglue``) and offer
   ``reglue_script`` for the script's values; the [CLS] scale equals w in both
@@ -107,7 +107,7 @@ PUBLISHED = {
     # REGLUE Table 9 (SiT-XL/2 + REGLUE without CFG, row "1M"); the same FID
     # is REGLUE Table 3's 1M row.  The released REGLUE checkpoint is this 1M
     # one (HF giorgospets/reglue).  "Without CFG" is the SDE with scale 1
-    # (spec section e), i.e. ``none``.
+    # (REGLUE's sampler), i.e. ``none``.
     "t9_reglue_1m": PublishedRow(
         PRESETS["none"], "REGLUE SiT-XL/2, 1M steps (HF giorgospets/reglue)",
         2.5, 4.1, 188.6, 0.76, 0.65,

@@ -1,6 +1,6 @@
 """Multimodal velocity loss and REPA alignment (pure functions).
 
-REGLUE's objective (spec section c), with t shared by all modalities of a
+REGLUE's objective (REGLUE paper, the multimodal velocity loss), with t shared by all modalities of a
 sample and one noise tensor for the spatial stack and one for the global
 token:
 

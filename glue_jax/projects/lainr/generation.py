@@ -84,7 +84,7 @@ def run(config, workdir: str) -> dict:
   train_src, test, _ = image_sources.sources(config)
   train = image_sources.first_images(train_src, config.data.num_train or 4096)
   z = encode_latents(inr_graphdef, inr_params, train)
-  mean, std = z.mean((0, 1)), z.std((0, 1)) + 1e-6     # per channel (spec gotcha 13)
+  mean, std = z.mean((0, 1)), z.std((0, 1)) + 1e-6     # per channel: tokens differ in scale
   zn = ((z - mean) / std).astype(np.float32)
   scfg = lts.LatentTokenSiTConfig(num_tokens=mcfg.num_latents, token_dim=mcfg.dec_width,
                                   hidden_size=gc.hidden_size, depth=gc.depth,

@@ -12,7 +12,7 @@ randomly chosen rays of the query views.  ``choose_views`` draws disjoint
 support/query views per object (on the host, in the Grain pipeline);
 ``evaluate`` renders held-out views.
 
-Uncertain in the spec and therefore switches: whether the view direction is
+Not fixed by the LA-INR paper and therefore switches: whether the view direction is
 an input (``view_dirs``, default False: the ShapeNet renders and the
 procedural set are close to view independent), the density activation, and
 the length of the last bin (``last_bin``).
