@@ -20,6 +20,7 @@ from glue_jax.models import semantic_encoder as se
 from glue_jax.tools import precompute
 from glue_jax.train import checkpoint as ckpt_lib
 from glue_jax.train import writers
+from glue_jax.configs import common
 from tests import train_utils
 
 N, PER_SHARD, BATCH = 20, 8, 8
@@ -298,8 +299,7 @@ def test_precompute_cli_demo_preset_then_training(tiny, digits_dir, tmp_path):
     np.testing.assert_allclose(src[i]["cls"], direct["cls"][i], rtol=1e-5, atol=1e-5)
   # The trainer reads the store (data.name='feature_store') and runs.
   tc = train_utils.tiny_config("", steps=2, batch=8)
-  tc.data = ml_collections.ConfigDict({"name": "feature_store", "path": out,
-                                       "num_classes": 10, "workers": 0})
+  tc.data = common.data_defaults(name="feature_store", path=out, num_classes=10)
   tc.checkpoint.every = 2
   with pytest.raises(FileNotFoundError, match="no feature store for split 'train'"):
     diffusion_job.train(tc, str(tmp_path / "run0"))
@@ -307,3 +307,28 @@ def test_precompute_cli_demo_preset_then_training(tiny, digits_dir, tmp_path):
   metrics = diffusion_job.train(tc, str(tmp_path / "run"))
   assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2" / "data_iter")
+  # README's smoke command, as written, on this store: nothing but the data is
+  # needed (no SD-VAE weights: runlocal draws no sample grids), and SiT's
+  # hidden-size warning (12 + 16 channels here need hidden >= 112) comes once,
+  # not once per network build.
+  import re
+  import subprocess
+  import sys
+  readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "README.md")).read()
+  cmd = re.search(r"^python -m glue_jax\.main --config=glue_jax/configs/reglue\.py:runlocal "
+                  r"--config\.data\.path=\.\.\. --workdir=\S+", readme, re.M).group(0)
+  argv = [a.replace("--config.data.path=...", f"--config.data.path={out}")
+          for a in cmd.split()[3:] if not a.startswith("--workdir")]
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  r = subprocess.run([sys.executable, "-m", "glue_jax.main", *argv,
+                      f"--workdir={tmp_path / 'smoke'}"],
+                     env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert '"step": 20' in r.stdout, r.stdout[-2000:]
+  assert r.stderr.count("SiT: hidden_size") <= 1, r.stderr[-3000:]
+  # progress on the console (#18 finding 1: absl's WARNING level used to hide it)
+  assert re.search(r"diffusion step 20/20 \(100\.0%\)  loss \S+  .* ETA", r.stderr), \
+      r.stderr[-3000:]

@@ -221,3 +221,71 @@ def test_load_is_quiet(tmp_path):
   r = _run_main("-c", f"import glue_jax, tensorflow; glue_jax.load_model({d!r})")
   assert r.returncode == 0, r.stderr[-3000:]
   assert not [n for n in NOISE if n in r.stderr], r.stderr
+
+
+# -- finding 9: reference statistics at the source's own size ------------------------
+def test_reference_stats_docstring_example_uses_the_sources_size(tmp_path, monkeypatch):
+  """The docstring's digits example (no --image_size) computes the digits
+  classifier and statistics at 16 px, the demo's size, not 256 px."""
+  import shlex
+  from glue_jax import evaluate
+  from glue_jax.eval import features
+  from glue_jax.tools import reference_stats as rs
+  doc = rs.__doc__.replace("\\\n", " ")
+  line = next(l for l in doc.splitlines() if "--source=digits:test" in l)
+  argv = [a for a in shlex.split(line)[3:] if not a.startswith("--out")]
+  sizes = []
+
+  def fake_net(opts, image_size):
+    sizes.append(image_size)
+    return features.FeatureNet("flat", lambda p, x: {"pool": x.reshape(x.shape[0], -1)[:, :8]
+                                                     .astype("float32"),
+                                                     "spatial": x[..., :1].astype("float32"),
+                                                     "logits": x.reshape(x.shape[0], -1)[:, :4]
+                                                     .astype("float32")}, {}, None)
+  monkeypatch.setattr(evaluate, "make_feature_net", fake_net)
+  out = str(tmp_path / "ref.npz")
+  assert rs.main(argv + [f"--out={out}", "--max_images=64"]) == 0
+  assert sizes == [16]
+  with np.load(out) as f:
+    assert f["arr_0"].shape == (64, 16, 16, 3)
+  assert rs.source_image_size(f"npz:{out}") == 16
+  with pytest.raises(ValueError, match="give --image_size"):
+    rs.source_image_size("folder:/nowhere")
+
+
+# -- finding 6: runlocal keeps bf16 ------------------------------------------------------
+def test_runlocal_keeps_bf16_and_tpu_presets():
+  from glue_jax.configs import reglue
+  c = reglue.get_config("runlocal,bf16")
+  assert c.model.overrides["dtype"] == "bfloat16" and c.model.overrides["hidden_size"] == 96
+  assert reglue.get_config("runlocal,tpu=v5e").model.overrides["remat"] == "full"
+
+
+# -- finding 7: a finished run returns its recorded results --------------------------
+def test_finished_training_returns_recorded_metrics_without_compiling(tmp_path, monkeypatch):
+  from glue_jax import diffusion_job
+  from glue_jax.train import trainer
+  feats = train_utils.write_features(str(tmp_path / "f.npz"))
+  cfg = train_utils.tiny_config(feats, steps=3)
+  first = diffusion_job.train(cfg, str(tmp_path / "run"))
+
+  def boom(*a, **k):
+    raise AssertionError("a finished run must not compile or train again")
+  monkeypatch.setattr(trainer, "compile_step", boom)
+  monkeypatch.setattr(trainer, "_loop", boom)
+  again = diffusion_job.train(cfg, str(tmp_path / "run"))
+  assert again["step"] == 3 and again["loss"] == first["loss"]
+
+
+# -- finding 8: demo stages are keyed by the config that made them --------------------
+def test_demo_stage_made_by_another_config_is_an_error(tmp_path):
+  from glue_jax.projects.reglue import digits_demo
+  path = str(tmp_path / "encoder.npz")
+  open(path, "wb").write(b"x")
+  key = {"steps": 150, "lr": 2e-3}
+  digits_demo._record(path, key)
+  assert digits_demo._reuse(path, key, "encoder")                # same config: reused
+  with pytest.raises(ValueError, match=r"demo stage 'encoder'.*differs in \['steps'\]"):
+    digits_demo._reuse(path, {"steps": 300, "lr": 2e-3}, "encoder")
+  assert not digits_demo._reuse(str(tmp_path / "absent.npz"), key, "encoder")

@@ -56,5 +56,8 @@ def get_config(arg=None):
   if a.runlocal:
     c.train.update(batch_size=8, steps=20, log_every=5, sample_every=0, sample_steps=10)
     c.checkpoint.every = 10
-    c.model.overrides = {"depth": 2, "hidden_size": 64, "num_heads": 2, "encoder_depth": 1}
+    # hidden 96 >= 2 x 2 x (4 + 16) values per REGLUE token; merged so that
+    # runlocal,bf16 (or a tpu preset) keeps its overrides.
+    c.model.overrides = {**dict(c.model.overrides), "depth": 2, "hidden_size": 96,
+                         "num_heads": 2, "encoder_depth": 1}
   return c

@@ -171,6 +171,9 @@ class Projector(nnx.Module):
     return self.fc3(jax.nn.silu(self.fc2(jax.nn.silu(self.fc1(x)))))
 
 
+_WARNED: set = set()   # (hidden_size, values per token) pairs already warned about
+
+
 class SiT(nnx.Module):
   """Velocity network ``(x, t, y, g) -> (v_spatial, v_global, projections)``."""
 
@@ -178,10 +181,11 @@ class SiT(nnx.Module):
     self.cfg = cfg
     d, p = cfg.hidden_size, cfg.patch_size
     token_values = p * p * cfg.in_channels
-    if d < token_values:
+    if d < token_values and (d, token_values) not in _WARNED:
       # The final linear layer maps d features to p*p*C outputs per token, so the
       # velocity of a token lies in a d-dim affine subspace: the noise of x_1 in
       # the other p*p*C - d directions is never removed by any sampler.
+      _WARNED.add((d, token_values))      # once per process: networks are built many times
       logging.warning(
           "SiT: hidden_size %d < patch_size^2 x in_channels = %d; %d output directions "
           "per token cannot be denoised (samples keep that part of the noise). Use "

@@ -6,10 +6,11 @@ r"""Reference statistics of a dataset split, for ``glue_jax.evaluate``.
       --image_size=256 --inception_weights=pt_inception.pth --out=refs/in256_val.npz
   python -m glue_jax.tools.reference_stats --source=npz:ref_batch.npz ...
 
-Sources: ``digits:<split>`` (``glue_jax.data.digits`` at ``--image_size``),
+Sources: ``digits:<split>`` (``glue_jax.data.digits`` at ``--image_size``,
+16 px, the demo's size, by default),
 ``npz:<path>[:<key>]`` (uint8 NHWC images, key ``arr_0`` by default) and
 ``folder:<dir>`` (every image file below ``dir``, centre-cropped to
-``--image_size`` as ADM/REPA preprocess ImageNet: halve with a box filter
+``--image_size`` (required) as ADM/REPA preprocess ImageNet: halve with a box filter
 while the short side is >= 2x the size, bicubic-resize the short side to the
 size, take the centre crop).
 
@@ -64,6 +65,24 @@ def _folder_files(root: str) -> list[str]:
   if not files:
     raise FileNotFoundError(f"folder source {root}: no image files ({IMAGE_EXTENSIONS})")
   return sorted(files)
+
+
+DIGITS_IMAGE_SIZE = 16      # the demo's digits (8x8 upsampled; 4x4 patches of 4)
+
+
+def source_image_size(spec: str) -> int:
+  """The image size a source implies when ``--image_size`` is not given:
+  the demo's 16 px for digits, the stored size for an npz; a folder needs one."""
+  kind, _, rest = spec.partition(":")
+  if kind == "digits":
+    return DIGITS_IMAGE_SIZE
+  if kind == "npz":
+    path, _, key = rest.partition(":")
+    shape, _ = sample_store.npz_array_info(path, key or "arr_0")
+    if len(shape) != 4 or shape[1] != shape[2]:
+      raise ValueError(f"{path}:{key or 'arr_0'} has shape {shape}, want square NHWC images")
+    return int(shape[1])
+  raise ValueError(f"--source {spec!r}: give --image_size (the size images are cropped to)")
 
 
 def open_source(spec: str, image_size: int, max_images: int = 0,
@@ -145,8 +164,9 @@ def main(argv=None) -> int:
   p.add_argument("--source", required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--features", default="inception", choices=["inception", "digits"])
-  p.add_argument("--image_size", type=int, default=256,
-                 help="folder/digits image size (digits: 16 for the demo)")
+  p.add_argument("--image_size", type=int, default=0,
+                 help="image size (0: the source's own: 16 for digits, the npz's size; "
+                      "a folder needs it)")
   p.add_argument("--inception_weights", default="")
   p.add_argument("--inception_mode", default="adm", choices=["adm", "pytorch_fid"])
   p.add_argument("--digits_classifier", default="",
@@ -159,6 +179,11 @@ def main(argv=None) -> int:
   p.add_argument("--per_device_batch", type=int, default=64)
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args(argv)
+  try:
+    a.image_size = a.image_size or source_image_size(a.source)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"reference_stats: error: {e}", file=sys.stderr)
+    return 2
   if a.features == "inception":
     net = features.inception(a.inception_weights, mode=a.inception_mode)
   else:

@@ -162,6 +162,28 @@ def test_non_finite_batch_stops_with_step_named(features, tmp_path, key, value):
   assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).latest_step() is None
 
 
+def test_non_finite_names_terms_and_records_then_exclude_skips_them(features, tmp_path):
+  """One corrupt record: the error names the step, the non-finite loss terms
+  and the data positions of that batch; excluding them, the run completes."""
+  import re
+  bad = str(tmp_path / "one_bad.npz")
+  with np.load(features) as f:
+    arrays = {k: f[k].copy() for k in f.files}
+  arrays["cls"][13] = np.nan                         # record 13's [CLS] target
+  np.savez(bad, **arrays)
+  wd = str(tmp_path / "run")
+  cfg = train_utils.tiny_config(bad, steps=16)
+  with pytest.raises(diffusion_job.NonFiniteLossError) as err:
+    diffusion_job.train(cfg, wd)
+  msg = str(err.value)
+  assert re.search(r"at step \d+ \(non-finite: .*global.*loss", msg), msg
+  assert "13" in re.search(r"batch on process 0: \[([^\]]*)\]", msg).group(1).split(", "), msg
+  assert "data.exclude" in msg
+  cfg.data.exclude = (13,)
+  out = diffusion_job.train(cfg, str(tmp_path / "skipped"))
+  assert out["step"] == 16 and np.isfinite(out["loss"])
+
+
 def test_workdir_in_use_is_a_clear_error(features, tmp_path):
   wd = str(tmp_path / "run")
   holder = subprocess.Popen([sys.executable, "-c", (
