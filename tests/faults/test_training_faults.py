@@ -135,6 +135,27 @@ def test_corrupt_latest_checkpoint_falls_back_to_last_good(features, straight, t
   assert open(os.path.join(q, moved[0], "REASON.txt")).read()   # the reason is recorded
 
 
+def test_no_readable_checkpoint_is_an_error_naming_each_step(features, tmp_path):
+  """Checkpoints exist but none restores: stop with every step and its one-line
+  reason (no silent restart from step 0); allow_fresh_start starts over."""
+  import re
+  wd = str(tmp_path / "run")
+  diffusion_job.train(train_utils.tiny_config(features, steps=STEPS), wd)
+  ck_dir = os.path.join(wd, "checkpoints")
+  for step in (3, STEPS):
+    with open(os.path.join(ck_dir, str(step), "config", "metadata"), "w") as fh:
+      fh.write("{not json")
+  with pytest.raises(ckpt_lib.CheckpointError) as err:
+    diffusion_job.train(train_utils.tiny_config(features, steps=STEPS), wd)
+  msg = str(err.value)
+  assert "no checkpoint could be restored" in msg and "allow_fresh_start" in msg, msg
+  for step in (3, STEPS):
+    assert re.search(rf"^  step {step}: config: .*metadata", msg, re.M), msg
+  cfg = train_utils.tiny_config(features, steps=STEPS)
+  cfg.checkpoint.allow_fresh_start = True
+  assert diffusion_job.train(cfg, wd)["step"] == STEPS
+
+
 def test_failing_write_stops_clearly_and_keeps_earlier_checkpoints(features, straight,
                                                                    tmp_path):
   wd = str(tmp_path / "run")
