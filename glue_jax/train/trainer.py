@@ -141,27 +141,22 @@ class Setup:
   step_fn: Callable            # pure
   has_rest: bool
 
+  def _fresh_state(self, seed: int) -> dict:
+    """The state of ``job.model(seed)`` (traced by :meth:`init_state` and
+    :meth:`abstract_state`)."""
+    m = self.job.model(seed)
+    params = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    rest = nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param))) if self.has_rest else None
+    return step_lib.init_state(params, self.job.tx, ema=self.job.ema_decay is not None,
+                               rest=rest)
+
   def init_state(self, seed: int) -> dict:
     """A fresh sharded state (parameters from ``job.model(seed)``)."""
-    job, has_rest = self.job, self.has_rest
-
-    def make():
-      m = job.model(seed)
-      params = nnx.to_pure_dict(nnx.state(m, nnx.Param))
-      rest = nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param))) if has_rest else None
-      return step_lib.init_state(params, job.tx, ema=job.ema_decay is not None, rest=rest)
     with jax.set_mesh(self.mesh):
-      return jax.jit(make, out_shardings=self.state_shardings)()
+      return jax.jit(lambda: self._fresh_state(seed), out_shardings=self.state_shardings)()
 
   def abstract_state(self):
-    job, has_rest = self.job, self.has_rest
-
-    def make():
-      m = job.model(0)
-      params = nnx.to_pure_dict(nnx.state(m, nnx.Param))
-      rest = nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param))) if has_rest else None
-      return step_lib.init_state(params, job.tx, ema=job.ema_decay is not None, rest=rest)
-    shapes = jax.eval_shape(make)
+    shapes = jax.eval_shape(lambda: self._fresh_state(0))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, self.state_shardings)
 
