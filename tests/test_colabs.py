@@ -144,9 +144,11 @@ def test_02_digits_demo(tmp_path, monkeypatch):
 
 def test_03_glod_composition(tmp_path, monkeypatch):
   nb = run_notebook("03_glod_composition.ipynb", tmp_path, monkeypatch)
-  check_figures(nb, 4)          # scenes, masks, overlap rules, methods side by side
+  check_figures(nb, 5)   # scenes, masks, overlap rules, methods side by side, class composition
   check_png(tmp_path / "glod" / "glod_comparison.png")
   assert os.listdir(tmp_path / "glod" / "generator" / "checkpoints")
+  assert os.listdir(tmp_path / "glod" / "tiny_classes")        # the class-composition cell ran
+  assert "'global_class': 9, 'variant': 'B'" in stdout_of(nb)
 
 
 def test_04_lainr(tmp_path, monkeypatch):

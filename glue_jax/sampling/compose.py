@@ -29,6 +29,11 @@ every sample carries its own prompts, masks, weights and variant and one
 compiled sampler serves all variants.  A condition is whatever the model
 takes as ``y``: a class label, a token prompt (B, L) or embeddings (B, L, E).
 
+A ``guidance_interval`` (Kynkaenniemi et al.; the presets of REGLUE, REG and
+REPA) applies the weights only for ``t`` inside it; outside, every active
+weight is 1 (local weights of 0 stay 0), so plain CFG composed this way gives
+the conditional velocity there, as ``guidance.classifier_free`` does.
+
 Optional layout guidance (Chen et al. 2023 backward guidance, as a velocity
 term): for t >= ``t_min`` the velocity gets ``scale * grad_x E`` (the sampler
 moves towards t=0 with dt < 0, so this descends E) where E is the mean over
@@ -303,9 +308,17 @@ def layout_energy(attention: Array, conds: Conditions, grid: int) -> Array:
   return jnp.sum(valid * jnp.square(1.0 - inside), -1) / jnp.maximum(valid.sum(-1), 1.0)
 
 
+def unit_weights_outside(conds: Conditions, guided: Array) -> Conditions:
+  """``conds`` whose active weights are 1 where ``guided`` (a scalar bool) is False."""
+  one = lambda w: jnp.where(guided, w, jnp.where(w != 0, 1.0, 0.0).astype(w.dtype))
+  return conds._replace(global_weights=one(conds.global_weights),
+                        local_weights=one(conds.local_weights))
+
+
 def composed_velocity(apply_fn: ApplyFn, *, local_interval: tuple[float, float] = (0.0, 1.0),
                       global_token_weights=None, batch_conditions: bool = True,
-                      layout: LayoutGuidance | None = None) -> VelocityFn:
+                      layout: LayoutGuidance | None = None,
+                      guidance_interval: tuple[float, float] | None = None) -> VelocityFn:
   """``velocity_fn(x, g, t, conds)`` for ``samplers.euler_maruyama`` / ``heun``.
 
   Args:
@@ -316,6 +329,8 @@ def composed_velocity(apply_fn: ApplyFn, *, local_interval: tuple[float, float] 
     batch_conditions: one model call on the (1+Ng+Nl)-times batch (default)
       or one call per condition (same result; for tests and memory).
     layout: optional backward layout guidance.
+    guidance_interval: (lo, hi): the weights act for lo <= t <= hi; outside,
+      every active weight (the global token's included) is 1.  None: always.
   """
   lo, hi = local_interval
 
@@ -325,9 +340,17 @@ def composed_velocity(apply_fn: ApplyFn, *, local_interval: tuple[float, float] 
     tg = t if guide_t is None else guide_t
     v_all, vg_all = _evaluate(apply_fn, x, g, t, conds, batch_conditions)
     local_on = jnp.logical_and(tg >= lo, tg <= hi).astype(jnp.float32)
+    token_w = global_token_weights
+    if guidance_interval is not None:
+      guided = jnp.logical_and(tg >= guidance_interval[0], tg <= guidance_interval[1])
+      if token_w is not None:
+        token_w = jnp.where(guided, jnp.asarray(token_w, jnp.float32), 1.0)
+      elif vg_all is not None:
+        token_w = unit_weights_outside(conds, guided).global_weights
+      conds = unit_weights_outside(conds, guided)
     v = compose(v_all.astype(jnp.float32), conds, local_on)
     v_g = None if vg_all is None else compose_global_token(
-        vg_all.astype(jnp.float32), conds, global_token_weights)
+        vg_all.astype(jnp.float32), conds, token_w)
     if layout is not None:
       v = v + _layout_term(layout, x, g, t, conds)
     return v, v_g
