@@ -22,6 +22,7 @@ much shorter than that compare plateau-escape times, not the models.
   python bench/inr.py                          # default CPU run
   python bench/inr.py --steps 2000 --nvs-steps 2000 --seeds 5 --model small --batch 32
   python bench/inr.py --only recon --datasets digits
+  python bench/inr.py --only recon --datasets photos --photo-size 64 --variants lainr global
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from glue_jax.projects.lainr import image_sources, novel_views  # noqa: E402
 from glue_jax.projects.lainr import reconstruction as lainr  # noqa: E402
 from glue_jax.train import step as step_lib  # noqa: E402
 from glue_jax.models import lainr as lainr_lib  # noqa: E402
+from glue_jax.train import writers  # noqa: E402
 import bench_io  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 NAME = "inr"
@@ -63,24 +65,29 @@ def num_params(params) -> int:
 
 def train_seeds(step, state, batch_fn, steps, seeds, desc):
   """Runs the vmapped step; returns the state, the final train loss per seed,
-  the compile time and the steady-state steps/s (all seeds together)."""
+  the compile time, the steady-state steps/s (all seeds together) and the loss
+  curve ``[(step, [loss per seed]), ...]`` every 50 steps (plateau escapes)."""
   keys = jnp.stack([jax.random.key(s) for s in seeds])
   t0 = time.time()
   state, m = step(state, batch_fn(0), keys)
   jax.block_until_ready(m)
   compile_s = time.time() - t0
+  curve = [(1, np.asarray(m["loss"]).tolist())]
   t0 = time.time()
   for i in range(1, steps):
     state, m = step(state, batch_fn(i), keys)
+    if (i + 1) % 50 == 0:
+      curve.append((i + 1, np.asarray(m["loss"]).tolist()))
     if i % 100 == 0:
       print(f"  {desc}: step {i}/{steps} loss {np.asarray(m['loss']).round(4)}", flush=True)
   jax.block_until_ready(m)
   rate = (steps - 1) / max(time.time() - t0, 1e-9)
-  return state, np.asarray(m["loss"]), compile_s, rate
+  return state, np.asarray(m["loss"]), compile_s, rate, curve
 
 
 def recon(dataset: str, args, seeds) -> list[dict]:
-  config = lainr_configs.get_config(f"dataset={dataset},model={args.model}")
+  size = args.photo_size if dataset == "photos" else 0
+  config = lainr_configs.get_config(f"dataset={dataset},model={args.model},size={size}")
   config.data.update(num_train=args.num_train, num_test=args.num_test)
   config.train.batch_size = args.batch
   config.optim.lr = args.lr
@@ -92,6 +99,7 @@ def recon(dataset: str, args, seeds) -> list[dict]:
   bs = config.train.batch_size
   batch_fn = lambda i: {"image": np.stack([train_images[np.random.default_rng([s, i]).choice(
       len(train_images), bs)] for s in seeds])}
+  shown = {"ground truth": test_images[:6].astype(np.float32) / 255.0}
   rows = reference_rows("recon", dataset, train_images, test_images, {
       "ref: mean train image": lambda tr, te: tr.mean(0),
       "ref: per-image mean colour": lambda tr, te: te.mean((1, 2), keepdims=True)})
@@ -103,7 +111,7 @@ def recon(dataset: str, args, seeds) -> list[dict]:
     state = jax.jit(jax.vmap(lambda p: step_lib.init_state(p, tx, ema=False)))(params)
     step = jax.jit(jax.vmap(step_lib.make_step(lainr.make_loss(graphdef, pixel_fraction=frac),
                                                tx)), donate_argnums=(0,))
-    state, loss, compile_s, rate = train_seeds(step, state, batch_fn, args.steps, seeds,
+    state, loss, compile_s, rate, curve = train_seeds(step, state, batch_fn, args.steps, seeds,
                                                f"{dataset}/{variant}")
     fn = lainr.make_reconstruct(graphdef, 4096)
     h = config.data.image_size
@@ -112,17 +120,20 @@ def recon(dataset: str, args, seeds) -> list[dict]:
     scores = np.concatenate([np.asarray(ev(state["params"], test_images[i:i + 64]))
                              for i in range(0, len(test_images), 64)], axis=1)
     per_seed = scores.mean(1)
+    p0 = jax.tree.map(lambda x: x[0], state["params"])
+    shown[variant] = np.asarray(fn(p0, test_images[:6], h, h))
     rows.append(dict(task="recon", dataset=dataset, size=h, variant=variant,
                      psnr_mean=float(per_seed.mean()), psnr_std=float(per_seed.std()),
-                     psnr_per_seed=per_seed.tolist(), train_loss=loss.tolist(),
+                     psnr_per_seed=per_seed.tolist(), train_loss=loss.tolist(), loss_curve=curve,
                      steps=args.steps, batch=bs, pixel_fraction=frac,
                      params=num_params(state["params"]), compile_s=compile_s,
                      steps_per_s=rate, test_images=int(scores.shape[1])))
     print(f"{dataset:7s} {variant:12s} PSNR {per_seed.mean():6.2f} +- {per_seed.std():.2f}  "
           f"({rate:.1f} steps/s x {len(seeds)} seeds, compile {compile_s:.0f}s)", flush=True)
-    if dataset == "digits" and variant in ("lainr", "global"):
-      rows.append(throughput(graphdef, jax.tree.map(lambda x: x[0], state["params"]),
+    if dataset == "digits" and variant in ("lainr", "global") and args.decode_size:
+      rows.extend(throughput(graphdef, jax.tree.map(lambda x: x[0], state["params"]),
                              test_images[:4], variant, args))
+  save_rows_png(args.out, f"recon_{dataset}{config.data.image_size}", shown)
   return rows
 
 
@@ -140,22 +151,25 @@ def reference_rows(task, dataset, train, test, predictors) -> list[dict]:
   return rows
 
 
-def throughput(graphdef, params, images, variant, args) -> dict:
-  """Coordinates/s of chunked decoding at ``args.decode_size``^2 (batch 4)."""
-  res = {}
-  for chunk in args.chunks:
-    fn = lainr.make_reconstruct(graphdef, chunk)
-    out = fn(params, images, args.decode_size, args.decode_size)
-    jax.block_until_ready(out)
-    t0, reps = time.time(), 3
-    for _ in range(reps):
-      out = fn(params, images, args.decode_size, args.decode_size)
-    jax.block_until_ready(out)
-    res[chunk] = len(images) * args.decode_size ** 2 * reps / (time.time() - t0)
-    print(f"decode {variant:8s} {args.decode_size}^2 chunk {chunk:6d}: "
-          f"{res[chunk] / 1e6:.3f} M coords/s (includes encoding)", flush=True)
-  return dict(task="decode", variant=variant, size=args.decode_size, batch=len(images),
-              coords_per_s={str(k): v for k, v in res.items()})
+def throughput(graphdef, params, images, variant, args) -> list[dict]:
+  """Coordinates/s of chunked decoding at each of ``args.decode_size``^2 (batch 4)."""
+  rows = []
+  for size in args.decode_size:
+    res = {}
+    for chunk in args.chunks:
+      fn = lainr.make_reconstruct(graphdef, chunk)
+      out = fn(params, images, size, size)
+      jax.block_until_ready(out)
+      t0, reps = time.time(), 3
+      for _ in range(reps):
+        out = fn(params, images, size, size)
+      jax.block_until_ready(out)
+      res[chunk] = len(images) * size ** 2 * reps / (time.time() - t0)
+      print(f"decode {variant:8s} {size}^2 chunk {chunk:6d}: "
+            f"{res[chunk] / 1e6:.3f} M coords/s (includes encoding)", flush=True)
+    rows.append(dict(task="decode", variant=variant, size=size, batch=len(images),
+                     coords_per_s={str(k): v for k, v in res.items()}))
+  return rows
 
 
 def nvs(args, seeds) -> list[dict]:
@@ -189,6 +203,7 @@ def nvs(args, seeds) -> list[dict]:
   batch_fn = lambda i: jax.tree.map(lambda *x: np.stack(x), *[one_batch(i, s) for s in seeds])
   n_sup = nc.support_views
   query = lambda d: d["images"][:, n_sup:].reshape(-1, *d["images"].shape[2:])
+  shown = {"ground truth": test["images"][:6, n_sup].astype(np.float32) / 255.0}
   rows = reference_rows("nvs", "procedural", query(train), query(test), {
       "ref: white image": lambda tr, te: np.ones_like(te),
       "ref: mean train view": lambda tr, te: tr.mean(0)})
@@ -200,18 +215,20 @@ def nvs(args, seeds) -> list[dict]:
     state = jax.jit(jax.vmap(lambda p: step_lib.init_state(p, tx, ema=False)))(params)
     step = jax.jit(jax.vmap(step_lib.make_step(
         nvs_lib.make_loss(graphdef, rcfg, nc.rays_per_instance), tx)), donate_argnums=(0,))
-    state, loss, compile_s, rate = train_seeds(step, state, batch_fn, args.nvs_steps, seeds,
+    state, loss, compile_s, rate, curve = train_seeds(step, state, batch_fn, args.nvs_steps, seeds,
                                                f"nvs/{variant}")
     render = jax.jit(nvs_lib.make_render_views(graphdef, rcfg, nc.chunk))
     per_seed = []
     for k in range(len(seeds)):
       p = jax.tree.map(lambda x: x[k], state["params"])
-      scores, _ = nvs_lib.evaluate(render, p, test, nc.support_views)
+      scores, renders = nvs_lib.evaluate(render, p, test, nc.support_views)
       per_seed.append(float(scores.mean()))
+      if k == 0:
+        shown[variant] = renders[:6, 0]                     # first query view, 6 objects
     per_seed = np.asarray(per_seed)
     rows.append(dict(task="nvs", dataset="procedural", size=nc.image_size, variant=variant,
                      psnr_mean=float(per_seed.mean()), psnr_std=float(per_seed.std()),
-                     psnr_per_seed=per_seed.tolist(), train_loss=loss.tolist(),
+                     psnr_per_seed=per_seed.tolist(), train_loss=loss.tolist(), loss_curve=curve,
                      steps=args.nvs_steps, batch=args.nvs_batch,
                      support_views=nc.support_views, samples_per_ray=nc.num_samples,
                      rays_per_instance=nc.rays_per_instance,
@@ -219,7 +236,18 @@ def nvs(args, seeds) -> list[dict]:
                      steps_per_s=rate))
     print(f"nvs     {variant:12s} PSNR {per_seed.mean():6.2f} +- {per_seed.std():.2f}  "
           f"({rate:.1f} steps/s x {len(seeds)} seeds, compile {compile_s:.0f}s)", flush=True)
+  save_rows_png(args.out, "nvs", shown)
   return rows
+
+
+def save_rows_png(out: str, tag: str, shown: dict) -> None:
+  """``<out stem>_<tag>.png``: one row per entry of ``shown`` (images in [0, 1]), seed 0."""
+  imgs = np.concatenate([np.clip(np.asarray(v, np.float32), 0, 1) for v in shown.values()])
+  grid = writers.image_grid((imgs * 255).round().astype(np.uint8),
+                            ncols=len(next(iter(shown.values()))))
+  path = f"{os.path.splitext(out)[0]}_{tag}.png"
+  writers.save_png(path, grid, scale=max(1, 128 // imgs.shape[1]))
+  print(f"{path}: rows {', '.join(shown)}", flush=True)
 
 
 def table(rows) -> str:
@@ -258,6 +286,7 @@ def main():
   ap.add_argument("--num-train", type=int, default=1024)
   ap.add_argument("--num-test", type=int, default=128)
   ap.add_argument("--photo-pixel-fraction", type=float, default=0.25)
+  ap.add_argument("--photo-size", type=int, default=0, help="photo crop side (0: config, 32)")
   ap.add_argument("--nvs-steps", type=int, default=600)
   ap.add_argument("--nvs-lr", type=float, default=3e-3)
   ap.add_argument("--nvs-objects", type=int, default=128)
@@ -267,7 +296,8 @@ def main():
   ap.add_argument("--nvs-rays", type=int, default=64)
   ap.add_argument("--nvs-size", type=int, default=32)
   ap.add_argument("--support-views", type=int, default=2)
-  ap.add_argument("--decode-size", type=int, default=256)
+  ap.add_argument("--decode-size", type=int, nargs="+", default=[256],
+                  help="decode resolutions of the throughput rows")
   ap.add_argument("--chunks", type=int, nargs="+", default=[4096, 65536])
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                  f"{NAME}.json"))
