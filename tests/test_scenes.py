@@ -129,6 +129,7 @@ def test_scores_on_real_scenes_and_leakage(built):
   sc = ec.score(a["image"], a, idx, probes, reference=a["image"])
   np.testing.assert_array_equal(sc["global_alignment"], 1.0)
   np.testing.assert_array_equal(sc["local_alignment"], 1.0)
+  np.testing.assert_array_equal(sc["local_both"], 1.0)
   np.testing.assert_array_equal(sc["leakage"], 0.0)
   np.testing.assert_array_equal(sc["preservation"], 0.0)
   # Object 0's colour painted on every other object: leakage counts those pairs.
@@ -137,6 +138,13 @@ def test_scores_on_real_scenes_and_leakage(built):
   sc = ec.score(a["image"], a, idx, leaky)
   n = a["num_objects"]
   np.testing.assert_allclose(sc["leakage"], (n - 1) / (n * (n - 1)))
+  np.testing.assert_array_equal(sc["local_both"], 1.0 / n)          # only object 0 is right
+  # Colour right but identity wrong on every object: local_both 0, local_alignment 0.5.
+  wrong_id = types.SimpleNamespace(layout_maps=probes.layout_maps, attributes=lambda im, bx: (
+      a["colour"], np.where(a["identity"] >= 0, (a["identity"] + 1) % 4, -1)))
+  sc = ec.score(a["image"], a, idx, wrong_id)
+  np.testing.assert_array_equal(sc["local_both"], 0.0)
+  np.testing.assert_array_equal(sc["local_alignment"], 0.5)
   # Preservation: a change inside the boxes only does not count.
   changed = a["image"].copy()
   for i in idx:

@@ -15,7 +15,8 @@ Methods, all sampled from the same per-scene noise (seed, scene index):
 Scores per scene (probes of ``glue_jax.projects.glod.probes``, trained on real scenes):
 - global alignment: fraction of the caption's relations that hold (layout probe);
 - local alignment: mean over objects of the colour and identity probe on the box
-  crop being the local caption's (reported separately as local_colour/identity);
+  crop being the local caption's (reported separately as local_colour/identity;
+  local_both: the fraction of objects showing both the right colour and identity);
 - leakage: fraction of (object j, other object k) pairs whose crop k shows j's colour;
 - preservation: mean absolute pixel change (0..1) outside the local boxes against
   the ``global`` sample of the same noise (lower = better preserved).
@@ -116,11 +117,13 @@ def score(images: np.ndarray, arrays: dict, idx: np.ndarray, probes, reference=N
   n = np.maximum(present.sum(1), 1)
   local_colour = ((col_hat == colour) & present).sum(1) / n
   local_identity = ((id_hat == ident) & present).sum(1) / n
+  local_both = ((col_hat == colour) & (id_hat == ident) & present).sum(1) / n
   pairs = present[:, :, None] & present[:, None, :] & ~np.eye(present.shape[1], dtype=bool)
   leak_hits = (col_hat[:, None, :] == colour[:, :, None]) & pairs    # [b, j, k]: crop k shows j's colour
   leakage = leak_hits.sum((1, 2)) / np.maximum(pairs.sum((1, 2)), 1)
   out = {"global_alignment": rel, "local_alignment": 0.5 * (local_colour + local_identity),
-         "local_colour": local_colour, "local_identity": local_identity, "leakage": leakage}
+         "local_colour": local_colour, "local_identity": local_identity,
+         "local_both": local_both, "leakage": leakage}
   if reference is not None:
     s = images.shape[1]
     inside = compose.box_masks(boxes, s, s) * present[..., None, None]
@@ -135,7 +138,8 @@ def evaluate(model, first_stage, probes, arrays: dict, settings, *, methods, see
   """Scores of every method for every seed; ``global`` is always run (preservation)."""
   idx = np.arange(min(num_scenes, len(arrays["image"])))
   order = ["global"] + [m for m in methods if m != "global"]
-  per_seed = {m: {k: [] for k in METRICS + ("local_colour", "local_identity")} for m in order}
+  per_seed = {m: {k: [] for k in METRICS + ("local_colour", "local_identity", "local_both")}
+              for m in order}
   timings = {m: 0.0 for m in order}
   grids = {}
   for seed in seeds:
