@@ -3,6 +3,10 @@
   python -m glue_jax.main --config=glue_jax/configs/scenes.py --workdir=workdirs/scenes
   --config=glue_jax/configs/scenes.py:runlocal    (smoke run: tiny data, few steps)
   --config=glue_jax/configs/scenes.py:steps=6000,batch=256  (longer generator training)
+  --config=glue_jax/configs/scenes.py:patch=2,train_scenes=3000,steps=3000  (the first generator)
+
+Arguments: runlocal, steps, batch, scenes (evaluated test scenes), patch (SiT patch on the
+8x8 latent grid), hidden, depth, heads, train_scenes.
 
 Stages (``glue_jax/projects/glod/scenes_pipeline.py``): TFDS scenes dataset -> npz of pixel-tokenizer
 latents + prompt tokens -> ``glue_jax.train.diffusion_job.train`` -> probes ->
@@ -19,7 +23,8 @@ PROMPT_LENGTH = 14
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, runlocal=False, steps=0, scenes=0, batch=0)
+  a = common.parse_arg(arg, runlocal=False, steps=0, scenes=0, batch=0, patch=1, hidden=128,
+                       depth=4, heads=4, train_scenes=0)
   fast = a.runlocal
   c = ml_collections.ConfigDict()
   c.kind = "scenes"
@@ -29,25 +34,28 @@ def get_config(arg=None):
       # dataset also draws digit glyphs ("zero".."nine") and cyan/magenta.
       image_size=24, identities=("square", "circle", "triangle", "cross"),
       colours=("red", "green", "blue", "yellow"),
-      min_objects=2, max_objects=3, slots=2, jitter=False, num_train=300 if fast else 3000,
+      min_objects=2, max_objects=3, slots=2, jitter=False, num_train=a.train_scenes or (300 if fast else 20000),
       num_test=32 if fast else 200, seed=0))
   c.probes = ml_collections.ConfigDict(dict(
       crop=12, steps=60 if fast else 400, batch_size=128, lr=2e-3))
   t = common.diffusion_defaults()
   t.method = "sit"
   t.model.arch = "S/2"
-  # 24 px canvas, pixel tokenizer factor 3 -> 8x8x27 latents; patch 2 -> 16 image
-  # tokens + 14 in-context prompt tokens.
-  t.model.overrides = {"depth": 4, "hidden_size": 128, "num_heads": 4,
+  # 24 px canvas, pixel tokenizer factor 3 -> 8x8x27 latents; patch 1 -> 64 image
+  # tokens of 3x3 pixels + 14 in-context prompt tokens.  Patch 2 (16 tokens of 6x6
+  # pixels, the first generator) drew objects as patch-sized colour quadrants;
+  # patch 1 with 20,000 scenes draws clean objects (bench/RESULTS.md, GLoD).
+  t.model.overrides = {"depth": a.depth, "hidden_size": a.hidden, "num_heads": a.heads,
+                       "patch_size": a.patch,
                        "prompt_length": PROMPT_LENGTH, "prompt_pooled": True,
                        "class_dropout_prob": 0.1}
   t.data = common.data_defaults(name="npz", path="", num_classes=VOCAB_SIZE)
   t.first_stage = {"name": "pixel", "factor": 3, "channels": 3, "scale": 1.0, "shift": 0.0}
-  # hidden_size must be >= 2*2*27 = 108 outputs per token.  With hidden 96 (the
+  # hidden_size must be >= patch^2*27 outputs per token (108 at patch 2).  With hidden 96 (the
   # first runs, bench/results/composition_h96*.json) 12 noise directions per
   # token were never removed by the sampler (SiT warns) and samples kept
   # per-pixel noise; 128 removes that bound.
-  t.train.update(steps=a.steps or (20 if fast else 3000), batch_size=a.batch or (32 if fast else 128),
+  t.train.update(steps=a.steps or (20 if fast else 4000), batch_size=a.batch or (32 if fast else 128),
                  log_every=10 if fast else 100, ema_decay=0.999, ema_warmup=True,
                  sample_every=0)   # the trainer's grid sampler draws class labels, not prompts
   t.optim.lr = 1e-3

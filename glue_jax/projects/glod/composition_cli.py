@@ -38,8 +38,10 @@ def main(argv=None):
   result = ec.evaluate(ctx.model, ctx.first_stage, ctx.probes, ctx.test, settings,
                     methods=methods, seeds=[int(s) for s in args.seeds.split(",")],
                     num_scenes=args.num_scenes or settings.num_scenes, image_dir=args.workdir)
+  result["probe_accuracy"] = ctx.probes.accuracy       # on the real test scenes
   writers.save_json(args.out or os.path.join(args.workdir, "composition.json"), result)
   print(ec.format_table(result))
+  print("probe accuracy on real test scenes:", ctx.probes.accuracy)
   return 0
 
 
