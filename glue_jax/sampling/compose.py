@@ -343,11 +343,9 @@ def composed_velocity(apply_fn: ApplyFn, *, local_interval: tuple[float, float] 
     token_w = global_token_weights
     if guidance_interval is not None:
       guided = jnp.logical_and(tg >= guidance_interval[0], tg <= guidance_interval[1])
+      conds = unit_weights_outside(conds, guided)
       if token_w is not None:
         token_w = jnp.where(guided, jnp.asarray(token_w, jnp.float32), 1.0)
-      elif vg_all is not None:
-        token_w = unit_weights_outside(conds, guided).global_weights
-      conds = unit_weights_outside(conds, guided)
     v = compose(v_all.astype(jnp.float32), conds, local_on)
     v_g = None if vg_all is None else compose_global_token(
         vg_all.astype(jnp.float32), conds, token_w)
