@@ -165,7 +165,7 @@ def bench_one(model: str, method_name: str, args, batch_size: int) -> dict:
   fwd_xla = lowered_flops(forward_of(unrolled), *fwd_args)
   cost_s = time.perf_counter() - t0
   fwd_scanned = xla_flops(fwd.cost_analysis())
-  fwd_t = time_calls(lambda: fwd(*fwd_args), args.iters, args.warmup)
+  fwd_t = time_calls(lambda a=fwd_args: fwd(*a), args.iters, args.warmup)
 
   # (b) full train step, state donated and threaded through the calls.
   train_state = jax.jit(lambda p: step_lib.init_state(p, tx))(params)
