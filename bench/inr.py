@@ -131,8 +131,7 @@ def recon(dataset: str, args, seeds) -> list[dict]:
     print(f"{dataset:7s} {variant:12s} PSNR {per_seed.mean():6.2f} +- {per_seed.std():.2f}  "
           f"({rate:.1f} steps/s x {len(seeds)} seeds, compile {compile_s:.0f}s)", flush=True)
     if dataset == "digits" and variant in ("lainr", "global") and args.decode_size:
-      rows.extend(throughput(graphdef, jax.tree.map(lambda x: x[0], state["params"]),
-                             test_images[:4], variant, args))
+      rows.extend(throughput(graphdef, p0, test_images[:4], variant, args))
   save_rows_png(args.out, f"recon_{dataset}{config.data.image_size}", shown)
   return rows
 

@@ -129,12 +129,15 @@ def compose_classes(model: api.LoadedModel, global_class: int, regions: list[Reg
                  cfg.global_token_dim, preset.sampler, num_steps or preset.num_steps,
                  preset.t_last, tuple(preset.interval), tuple(local_interval))
   keys = samplers.per_sample_keys(seed, jnp.arange(num_samples))
-  out = {}
-  for name, lw in (("global", 0.0), ("glod", w_l)):
-    conds = class_conditions(model, global_class, regions, num_samples=num_samples,
-                             cfg_scale=w_g, local_scale=lw, variant=variant, overlap=overlap,
-                             feather=feather)
-    out[name] = run(model.params, conds, keys, jnp.float32(w_cls))
+  # The reference row is plain CFG (no local conditions: 2 network evaluations
+  # per step instead of 2 + len(regions)).
+  plain = compose.cfg_conditions(np.full((num_samples,), cfg.num_classes, np.int32),
+                                 np.full((num_samples,), global_class, np.int32), w_g,
+                                 (cfg.input_size, cfg.input_size))
+  glod = class_conditions(model, global_class, regions, num_samples=num_samples, cfg_scale=w_g,
+                          local_scale=w_l, variant=variant, overlap=overlap, feather=feather)
+  out = {name: run(model.params, conds, keys, jnp.float32(w_cls))
+         for name, conds in (("global", plain), ("glod", glod))}
   out["settings"] = dict(
       checkpoint=model.directory, step=model.step, global_class=global_class,
       locals=[dataclasses.asdict(r) for r in regions], variant=variant, cfg_scale=w_g,
